@@ -1,0 +1,17 @@
+"""mixflow_optax: exact meta-gradients through unrolled optax optimizers, computed
+with mixed-mode (forward-over-reverse) differentiation (MixFlow-MG)."""
+
+from mixflow_optax import transforms
+from mixflow_optax._fwdrev import ForwardModeError, fwdrev_grad, fwdrev_value_and_grad
+from mixflow_optax._unroll import INNER_GRAD_NAME, unroll
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "INNER_GRAD_NAME",
+  "ForwardModeError",
+  "fwdrev_grad",
+  "fwdrev_value_and_grad",
+  "transforms",
+  "unroll",
+]

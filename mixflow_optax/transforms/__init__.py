@@ -1,0 +1,40 @@
+"""Reparameterised optax optimizers: updates as explicit functions of gradients and hyperparameters."""
+
+from mixflow_optax.transforms._alias import adam, adamw, rmsprop, sgd
+from mixflow_optax.transforms._base import (
+  ReparamTransformation,
+  chain,
+  named_chain,
+  rename_hyperparams,
+)
+from mixflow_optax.transforms._transforms import (
+  add_decayed_weights,
+  clip_by_global_norm,
+  safe_sqrt,
+  scale,
+  scale_by_adam,
+  scale_by_learning_rate,
+  scale_by_rms,
+  scale_by_stddev,
+  trace,
+)
+
+__all__ = [
+  "ReparamTransformation",
+  "adam",
+  "adamw",
+  "add_decayed_weights",
+  "chain",
+  "clip_by_global_norm",
+  "named_chain",
+  "rename_hyperparams",
+  "rmsprop",
+  "safe_sqrt",
+  "scale",
+  "scale_by_adam",
+  "scale_by_learning_rate",
+  "scale_by_rms",
+  "scale_by_stddev",
+  "sgd",
+  "trace",
+]

@@ -1,0 +1,291 @@
+"""Reparameterised gradient transformations: the base type, hyperparameters, chains."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+  "ReparamTransformation",
+  "chain",
+  "named_chain",
+  "rename_hyperparams",
+  "resolve_hyperparams",
+  "per_leaf",
+  "map_leaves",
+]
+
+Hyperparams = Mapping[str, Any]
+
+
+class ReparamUpdateFn(Protocol):
+  def __call__(
+    self,
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    *,
+    hyperparams: Hyperparams | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, optax.OptState]: ...
+
+
+class ReparamTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transform whose update is an explicit function of its hyperparameters.
+
+  It *is* an :class:`optax.GradientTransformationExtraArgs` (``init``,
+  ``update``), so it works wherever optax transforms work. Its ``update``
+  additionally takes ``hyperparams=``, a dict mapping hyperparameter names to
+  values (scalars, or pytrees matching ``params`` for per-parameter or
+  per-element values) that replace the defaults given at construction:
+
+  .. code-block:: python
+
+    updates, state = opt.update(grads, state, params)  # defaults
+    updates, state = opt.update(grads, state, params,
+                                hyperparams={"learning_rate": lr})
+
+  Gradients flow into every hyperparameter value passed this way.
+
+  Attributes:
+    init: ``init(params) -> state``.
+    update: ``update(updates, state, params=None, *, hyperparams=None,
+      **extra_args) -> (updates, state)``.
+    hyperparams: read-only dict, hyperparameter name -> default value.
+  """
+
+  # NamedTuple subclasses cannot add fields; the defaults live on the instance
+  # so that the object stays a 2-tuple (init, update) for optax.
+  def __new__(
+    cls,
+    init: optax.TransformInitFn,
+    update: ReparamUpdateFn,
+    hyperparams: Hyperparams | None = None,
+  ):
+    obj = super().__new__(cls, init, update)
+    obj.__dict__["_hyperparams"] = types.MappingProxyType(dict(hyperparams or {}))
+    return obj
+
+  @property
+  def hyperparams(self) -> Mapping[str, Any]:
+    return self.__dict__.get("_hyperparams", types.MappingProxyType({}))
+
+  def __repr__(self) -> str:
+    names = ", ".join(self.hyperparams)
+    return f"ReparamTransformation(hyperparams=[{names}])"
+
+
+def resolve_hyperparams(
+  hyperparams: Hyperparams | None, defaults: Mapping[str, Any], owner: str
+) -> dict[str, Any]:
+  """Merges ``hyperparams`` over ``defaults``; unknown names raise."""
+  if hyperparams is None:
+    return dict(defaults)
+  if not isinstance(hyperparams, Mapping):
+    raise TypeError(
+      f"{owner}: hyperparams must be a dict mapping hyperparameter names to "
+      f"values, got {type(hyperparams).__name__}. Valid names: "
+      f"{sorted(defaults)}."
+    )
+  unknown = sorted(set(hyperparams) - set(defaults))
+  if unknown:
+    raise ValueError(
+      f"{owner}: unknown hyperparameter name(s) {unknown}. This optimizer's "
+      f"hyperparameters are {sorted(defaults)} (see `opt.hyperparams`). If a "
+      "name is missing because the optimizer was built without it (e.g. "
+      "momentum=None), construct it with a value for that argument."
+    )
+  merged = dict(defaults)
+  merged.update(hyperparams)
+  return merged
+
+
+def per_leaf(name: str, value: Any, updates: Any, owner: str) -> list[Any]:
+  """Expands a hyperparameter to one value per leaf of ``updates``.
+
+  A single array (or Python number) applies to every leaf; a pytree with the
+  structure of ``updates`` gives one value per leaf, each broadcastable to
+  that leaf's shape (a scalar per tensor, or one value per element).
+  """
+  leaves, treedef = jax.tree.flatten(updates)
+  if callable(value):
+    raise TypeError(
+      f"{owner}: hyperparameter {name!r} is a callable; schedules are only "
+      "supported as the constructor's learning_rate. Pass an array value here."
+    )
+  vtree = jax.tree.structure(value)
+  if jax.tree_util.treedef_is_leaf(vtree) and vtree.num_leaves == 1:
+    vals = [value] * len(leaves)
+  elif vtree == treedef:
+    vals = jax.tree.leaves(value)
+  else:
+    raise ValueError(
+      f"{owner}: hyperparameter {name!r} must be a scalar or a pytree with the "
+      f"same structure as the parameters.\n  parameters: {treedef}\n  "
+      f"{name}: {vtree}\nBuild per-parameter values with e.g. "
+      "jax.tree.map(lambda p: jnp.full_like(p, value), params)."
+    )
+  out = []
+  for path_leaf, v in zip(jax.tree_util.tree_leaves_with_path(updates), vals):
+    path, leaf = path_leaf
+    vshape, lshape = np.shape(v), np.shape(leaf)
+    try:
+      ok = np.broadcast_shapes(vshape, lshape) == tuple(lshape)
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(
+        f"{owner}: hyperparameter {name!r} at {jax.tree_util.keystr(path)} has "
+        f"shape {vshape}, which does not broadcast to the parameter's shape "
+        f"{lshape}. Use a scalar (per tensor) or an array of shape {lshape} "
+        "(per element)."
+      )
+    if jnp.issubdtype(jnp.result_type(v), jnp.integer) or isinstance(v, bool):
+      v = jnp.asarray(v, jnp.result_type(leaf))
+    elif isinstance(v, (jax.Array, np.ndarray)) and jnp.result_type(v) != jnp.result_type(leaf):
+      # Keep the update in the parameter's dtype (e.g. bf16 params, f32 rates).
+      v = v.astype(jnp.result_type(leaf))
+    out.append(v)
+  return out
+
+
+def map_leaves(
+  fn: Callable[..., Any],
+  updates: Any,
+  *trees_and_hparams: Any,
+) -> Any:
+  """``jax.tree.map`` over ``updates`` and per-leaf lists/pytrees."""
+  leaves, treedef = jax.tree.flatten(updates)
+  cols = []
+  for t in trees_and_hparams:
+    cols.append(t if isinstance(t, list) else treedef.flatten_up_to(t))
+  return jax.tree.unflatten(treedef, [fn(*xs) for xs in zip(leaves, *cols)])
+
+
+def _as_member(t: optax.GradientTransformation):
+  if isinstance(t, ReparamTransformation):
+    return t
+  if not isinstance(t, optax.GradientTransformation):
+    raise TypeError(
+      "chain members must be optax GradientTransformations (mixflow_optax or "
+      f"stock optax), got {type(t).__name__}."
+    )
+  return optax.with_extra_args_support(t)
+
+
+def _chain_from(
+  members: list[tuple[str | None, optax.GradientTransformation]],
+  owner: str,
+) -> ReparamTransformation:
+  """A chain whose hyperparameter names are ``prefix + name`` of each member."""
+  members = [(prefix, _as_member(t)) for prefix, t in members]
+  defaults: dict[str, Any] = {}
+  keymaps: list[dict[str, str] | None] = []
+  for i, (prefix, t) in enumerate(members):
+    if not isinstance(t, ReparamTransformation):
+      keymaps.append(None)
+      continue
+    km = {}
+    for name, default in t.hyperparams.items():
+      key = f"{prefix}/{name}" if prefix else name
+      if key in defaults:
+        raise ValueError(
+          f"{owner}: hyperparameter name {key!r} is used by more than one "
+          f"member (member {i} and an earlier one). Use "
+          "mixflow_optax.transforms.named_chain(('a', t1), ('b', t2), ...) to "
+          "namespace them as 'a/<name>', 'b/<name>'."
+        )
+      defaults[key] = default
+      km[key] = name
+    keymaps.append(km)
+
+  def init_fn(params):
+    return tuple(t.init(params) for _, t in members)
+
+  def update_fn(updates, state, params=None, *, hyperparams=None, **extra_args):
+    hp = resolve_hyperparams(hyperparams, defaults, owner)
+    if len(state) != len(members):
+      raise ValueError(
+        f"{owner}: the optimizer state has {len(state)} entries but the chain "
+        f"has {len(members)} members; was it created by this optimizer's init?"
+      )
+    new_state = []
+    for (_, t), s, km in zip(members, state, keymaps):
+      if km is None:
+        updates, s = t.update(updates, s, params, **extra_args)
+      else:
+        sub = {name: hp[key] for key, name in km.items()}
+        updates, s = t.update(updates, s, params, hyperparams=sub, **extra_args)
+      new_state.append(s)
+    return updates, tuple(new_state)
+
+  return ReparamTransformation(init_fn, update_fn, defaults)
+
+
+def chain(*transforms: optax.GradientTransformation) -> ReparamTransformation:
+  """Chains mixflow_optax and stock optax transforms, like :func:`optax.chain`.
+
+  The state is a tuple of the members' states, exactly as in ``optax.chain``.
+  Hyperparameters are exposed under the members' own names in one flat dict
+  (e.g. ``chain(optax.clip_by_global_norm(1.0), adam(1e-3)).hyperparams`` has
+  ``learning_rate``, ``b1``, ...). Stock optax members have none and are
+  applied as they are (their internals are still differentiated exactly by
+  autodiff). Two members with the same hyperparameter name are an error: use
+  :func:`named_chain` to namespace them.
+
+  Examples:
+    >>> import optax, mixflow_optax as mfo
+    >>> opt = mfo.transforms.chain(optax.clip_by_global_norm(1.0),
+    ...                            mfo.transforms.sgd(0.1, momentum=0.9))
+    >>> sorted(opt.hyperparams)
+    ['learning_rate', 'momentum']
+  """
+  return _chain_from([(None, t) for t in transforms], "mixflow_optax.transforms.chain")
+
+
+def named_chain(
+  *named: tuple[str, optax.GradientTransformation],
+) -> ReparamTransformation:
+  """Chains transforms with namespaced hyperparameters ``'<name>/<hyperparam>'``.
+
+  Like :func:`optax.named_chain`, but the state is a tuple like
+  :func:`chain`. Use it when two members share a hyperparameter name.
+
+  Examples:
+    >>> import mixflow_optax as mfo
+    >>> opt = mfo.transforms.named_chain(
+    ...     ("rms", mfo.transforms.scale_by_rms()),
+    ...     ("lr", mfo.transforms.scale_by_learning_rate(0.1)))
+    >>> sorted(opt.hyperparams)
+    ['lr/learning_rate', 'rms/decay', 'rms/eps']
+  """
+  names = [n for n, _ in named]
+  if len(set(names)) != len(names):
+    raise ValueError(f"named_chain: member names must be unique, got {names}.")
+  for n in names:
+    if not isinstance(n, str) or not n or "/" in n:
+      raise ValueError(
+        f"named_chain: member names must be non-empty strings without '/', got {n!r}."
+      )
+  return _chain_from(list(named), "mixflow_optax.transforms.named_chain")
+
+
+def rename_hyperparams(
+  t: ReparamTransformation, mapping: Mapping[str, str]
+) -> ReparamTransformation:
+  """Exposes some of ``t``'s hyperparameters under other names."""
+  inverse = {new: old for old, new in mapping.items()}
+  defaults = {mapping.get(k, k): v for k, v in t.hyperparams.items()}
+
+  def update_fn(updates, state, params=None, *, hyperparams=None, **extra_args):
+    if hyperparams is not None:
+      hyperparams = {inverse.get(k, k): v for k, v in hyperparams.items()}
+    return t.update(updates, state, params, hyperparams=hyperparams, **extra_args)
+
+  return ReparamTransformation(t.init, update_fn, defaults)

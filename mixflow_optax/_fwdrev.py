@@ -347,9 +347,19 @@ def _make_core(
         primal = None
 
         def gdot(d):
+          # <grad_theta L, g_bar> at the point given by d, differentiated
+          # w.r.t. d below: reverse-over-reverse for this call only.
+          def loss_theta(th):
+            leaves = list(flat)
+            for j, v in zip(diff_idx, d):
+              leaves[j] = v
+            for j, v in zip(theta_idx, th):
+              leaves[j] = v
+            return loss_and_aux(jax.tree.unflatten(treedef, leaves))[0]
+
           pos = dict(zip(diff_idx, range(len(diff_idx))))
           th = [d[pos[j]] if j in pos else flat[j] for j in theta_idx]
-          g = jax.grad(lambda t: loss_of(t, [flat[j] for j in diff_idx])[0])(th)
+          g = jax.grad(loss_theta)(th)
           return sum(jnp.vdot(a, b) for a, b in zip(g, g_bar_flat))
 
         hvp = jax.grad(gdot)([flat[j] for j in diff_idx])

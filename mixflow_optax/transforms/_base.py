@@ -285,6 +285,8 @@ def rename_hyperparams(
 
   def update_fn(updates, state, params=None, *, hyperparams=None, **extra_args):
     if hyperparams is not None:
+      # Validate against the public (renamed) names, so errors list those.
+      resolve_hyperparams(hyperparams, defaults, "mixflow_optax.transforms.rename_hyperparams")
       hyperparams = {inverse.get(k, k): v for k, v in hyperparams.items()}
     return t.update(updates, state, params, hyperparams=hyperparams, **extra_args)
 

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 try:  # Same state classes as optax, so states are interchangeable.
@@ -482,7 +483,9 @@ def clip_by_global_norm(max_norm: jax.typing.ArrayLike) -> ReparamTransformation
     denom = jnp.where(trigger, jnp.ones_like(g_norm), g_norm)
 
     def clip(t):
-      return jnp.where(trigger, t, (t / denom.astype(t.dtype)) * c)
+      # An array max_norm must not promote the update (e.g. bf16 grads, f32 c).
+      ct = c.astype(t.dtype) if isinstance(c, (jax.Array, np.ndarray)) else c
+      return jnp.where(trigger, t, (t / denom.astype(t.dtype)) * ct)
 
     return jax.tree.map(clip, updates), state
 

@@ -1,0 +1,881 @@
+"""Optax conformance tests for ``mixflow_optax.transforms``.
+
+Every reparameterised optimizer must be a drop-in replacement for the stock
+optax optimizer it mirrors (same trajectory, same state tree, same dtypes, same
+behaviour under jit / scan / cond and inside optax wrappers and flax NNX), and
+additionally take ``hyperparams=`` overrides through which gradients flow,
+exactly and finitely even where gradient entries are exactly zero.
+"""
+
+import functools
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+import mixflow_optax as mfo
+
+T = mfo.transforms
+
+# ---------------------------------------------------------------------------
+# The optimizer table: name -> (mixflow_optax factory, stock optax factory).
+# ---------------------------------------------------------------------------
+
+# Decay only the matrices (a callable mask works for dict params and for NNX).
+_MATRICES_ONLY = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+_SCHEDULE = optax.linear_schedule(0.1, 0.01, transition_steps=10)
+
+_OPTIMIZERS = {
+  "sgd": (lambda: T.sgd(0.1), lambda: optax.sgd(0.1)),
+  "sgd_momentum": (
+    lambda: T.sgd(0.1, momentum=0.9),
+    lambda: optax.sgd(0.1, momentum=0.9),
+  ),
+  "sgd_nesterov": (
+    lambda: T.sgd(0.1, momentum=0.9, nesterov=True),
+    lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+  ),
+  "adam": (lambda: T.adam(0.05), lambda: optax.adam(0.05)),
+  "adam_nesterov": (
+    lambda: T.adam(0.05, b1=0.8, nesterov=True),
+    lambda: optax.adam(0.05, b1=0.8, nesterov=True),
+  ),
+  "adamw": (
+    lambda: T.adamw(0.05, weight_decay=0.1),
+    lambda: optax.adamw(0.05, weight_decay=0.1),
+  ),
+  "adamw_mask": (
+    lambda: T.adamw(0.05, weight_decay=0.1, mask=_MATRICES_ONLY),
+    lambda: optax.adamw(0.05, weight_decay=0.1, mask=_MATRICES_ONLY),
+  ),
+  "rmsprop": (lambda: T.rmsprop(0.01), lambda: optax.rmsprop(0.01)),
+  "rmsprop_momentum_nesterov_eps_outside_bias_corrected": (
+    lambda: T.rmsprop(0.01, momentum=0.9, nesterov=True, eps_in_sqrt=False, bias_correction=True),
+    lambda: optax.rmsprop(
+      0.01, momentum=0.9, nesterov=True, eps_in_sqrt=False, bias_correction=True
+    ),
+  ),
+  "rmsprop_centered": (
+    lambda: T.rmsprop(0.01, centered=True),
+    lambda: optax.rmsprop(0.01, centered=True),
+  ),
+  "adam_schedule": (lambda: T.adam(_SCHEDULE), lambda: optax.adam(_SCHEDULE)),
+  "mfo_clip_adam": (
+    lambda: T.chain(T.clip_by_global_norm(0.5), T.adam(0.05)),
+    lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.adam(0.05)),
+  ),
+  "optax_clip_sgd_momentum": (
+    lambda: T.chain(optax.clip_by_global_norm(0.5), T.sgd(0.1, momentum=0.9)),
+    lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1, momentum=0.9)),
+  ),
+}
+_NAMES = tuple((name, name) for name in _OPTIMIZERS)
+
+
+def _named_product(**axes):
+  """Like ``parameterized.product``, with readable ``a_b`` test ids."""
+  keys = list(axes)
+  return tuple(
+    {"testcase_name": "_".join(values), **dict(zip(keys, values))}
+    for values in itertools.product(*axes.values())
+  )
+
+
+_DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32, "f64": jnp.float64}
+
+# ---------------------------------------------------------------------------
+# A tiny problem: one tanh layer, 4 examples, 3 inputs, 2 outputs.
+# ---------------------------------------------------------------------------
+
+
+def _params(dtype=jnp.float64):
+  rng = np.random.RandomState(0)
+  return {
+    "w": jnp.asarray(0.5 * rng.normal(size=(3, 2)), dtype),
+    "b": jnp.asarray([0.1, -0.2], dtype),
+  }
+
+
+def _predict(params, x):
+  return jnp.tanh(x @ params["w"] + params["b"][None, :])
+
+
+def _batch(dtype=jnp.float64, zeros="none"):
+  """``zeros="some"``: a dead input, so ``grad w[2, :]`` is exactly 0 at every
+  step. ``zeros="all"``: zero inputs and targets, so with a zero bias the
+  whole gradient is exactly 0 (exactly, also under jit: tanh(0) = 0)."""
+  rng = np.random.RandomState(1)
+  x = rng.normal(size=(4, 3))
+  y = 0.5 * rng.normal(size=(4, 2))
+  if zeros == "some":
+    x[:, 2] = 0.0
+  if zeros == "all":
+    x[:], y[:] = 0.0, 0.0
+  return jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+
+
+def _loss(params, batch):
+  x, y = batch
+  return jnp.mean((_predict(params, x) - y) ** 2)
+
+
+def _step(opt, params, state, batch, **update_kwargs):
+  grads = jax.grad(_loss)(params, batch)
+  updates, state = opt.update(grads, state, params, **update_kwargs)
+  return optax.apply_updates(params, updates), state
+
+
+def _run(opt, params, batch, steps, **update_kwargs):
+  """Runs ``steps`` eager optimizer steps; returns every iterate and the final state.
+
+  Eager on purpose: for a handful of steps on this tiny problem, dispatching
+  cached primitives costs far less than compiling.
+  """
+  state = opt.init(params)
+  iterates = []
+  for _ in range(steps):
+    params, state = _step(opt, params, state, batch, **update_kwargs)
+    iterates.append(params)
+  return iterates, state
+
+
+def _run_pair(opt, ref, params, batch, steps, *, wrap=lambda fn: fn):
+  """Runs ``opt`` and ``ref`` side by side under one ``jax.jit`` (one compile)."""
+
+  @jax.jit
+  @wrap
+  def step(pa, sa, pb, sb):
+    return _step(opt, pa, sa, batch) + _step(ref, pb, sb, batch)
+
+  pa, sa, pb, sb = params, opt.init(params), params, ref.init(params)
+  iterates, ref_iterates = [], []
+  for _ in range(steps):
+    pa, sa, pb, sb = step(pa, sa, pb, sb)
+    iterates.append(pa)
+    ref_iterates.append(pb)
+  return (iterates, sa), (ref_iterates, sb)
+
+
+def _grad_sequence(n=3, dtype=jnp.float64):
+  """Fixed gradient pytrees (independent of the parameters), global norm ~3."""
+  rng = np.random.RandomState(2)
+  return [
+    {
+      "w": jnp.asarray(rng.normal(size=(3, 2)), dtype),
+      "b": jnp.asarray(rng.normal(size=(2,)), dtype),
+    }
+    for _ in range(n)
+  ]
+
+
+def _updates_for(opt, grads_seq, params=None, **update_kwargs):
+  """Updates of ``opt`` for a fixed gradient sequence (parameters move)."""
+  params = _params() if params is None else params
+  state = opt.init(params)
+  out = []
+  for g in grads_seq:
+    u, state = opt.update(g, state, params, **update_kwargs)
+    params = optax.apply_updates(params, u)
+    out.append(u)
+  return out
+
+
+def _weighted_sum(tree_list):
+  """A fixed, non-symmetric linear functional of a list of update pytrees."""
+  total = 0.0
+  for i, tree in enumerate(tree_list):
+    for j, leaf in enumerate(jax.tree.leaves(tree)):
+      w = jnp.arange(1, leaf.size + 1, dtype=leaf.dtype).reshape(leaf.shape)
+      total = total + jnp.sum(jnp.sin(w + 3 * i + j) * leaf)
+  return total
+
+
+def _central_fd(f, x, h):
+  return (f(x + h) - f(x - h)) / (2 * h)
+
+
+def _assert_finite(testcase, tree):
+  for leaf in jax.tree.leaves(tree):
+    testcase.assertTrue(bool(jnp.all(jnp.isfinite(leaf))), msg=f"non-finite: {leaf}")
+
+
+def _has_nan(tree):
+  return any(bool(jnp.any(jnp.isnan(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+_TIGHT = dict(rtol=1e-12, atol=1e-12)
+
+
+class _X64TestCase(parameterized.TestCase):
+  """Runs every test with 64-bit floats enabled (no global config flip)."""
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.enable_x64(True))
+    chex.clear_trace_counter()
+
+
+# ---------------------------------------------------------------------------
+# 1-7: drop-in conformance with stock optax, for every optimizer in the table.
+# ---------------------------------------------------------------------------
+
+
+class ConformanceTest(_X64TestCase):
+  @parameterized.named_parameters(*_NAMES)
+  def test_trajectory_and_state_match_optax(self, name):
+    make, make_ref = _OPTIMIZERS[name]
+    opt, ref = make(), make_ref()
+    self.assertIsInstance(opt, T.ReparamTransformation)
+    self.assertIsInstance(opt, optax.GradientTransformationExtraArgs)
+    params, batch = _params(), _batch()
+    self.assertEqual(jax.tree.structure(opt.init(params)), jax.tree.structure(ref.init(params)))
+
+    # 20 jitted steps, traced once: no retrace when the values change.
+    (iterates, state), (ref_iterates, ref_state) = _run_pair(
+      opt, ref, params, batch, 20, wrap=chex.assert_max_traces(n=1)
+    )
+    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
+    self.assertEqual(jax.tree.structure(state), jax.tree.structure(ref_state))
+    chex.assert_trees_all_equal_structs(state, ref_state)
+    chex.assert_trees_all_close(state, ref_state, **_TIGHT)
+    # The run actually optimizes (guards against a vacuous comparison).
+    self.assertLess(float(_loss(iterates[-1], batch)), 0.8 * float(_loss(params, batch)))
+
+  @parameterized.named_parameters(*_NAMES)
+  def test_jit_no_retrace_with_new_hyperparams(self, name):
+    opt = _OPTIMIZERS[name][0]()
+    params = _params()
+    grads = _grad_sequence(2)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def init(p):
+      return opt.init(p)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def update(g, s, p, hp):
+      return opt.update(g, s, p, hyperparams=hp)
+
+    state = init(params)
+    init(jax.tree.map(lambda x: x + 1, params))
+    chex.assert_trees_all_equal_structs(state, opt.init(params))
+    chex.assert_trees_all_close(state, opt.init(params), **_TIGHT)
+
+    hp1 = {k: jnp.asarray(v) for k, v in opt.hyperparams.items() if not callable(v)}
+    hp2 = {k: 0.9 * v for k, v in hp1.items()}
+    _, s1 = update(grads[0], state, params, hp1)
+    chex.assert_trees_all_equal_shapes_and_dtypes(s1, state)
+    u2, s2 = update(grads[1], s1, params, hp2)  # New values, same types: no retrace.
+    chex.assert_trees_all_close(
+      (u2, s2), opt.update(grads[1], s1, params, hyperparams=hp2), **_TIGHT
+    )
+
+  @parameterized.named_parameters(*_NAMES)
+  def test_unknown_extra_args_are_ignored(self, name):
+    opt = _OPTIMIZERS[name][0]()
+    params = _params()
+    grads = _grad_sequence(1)[0]
+    state = opt.init(params)
+    expected = opt.update(grads, state, params)
+    actual = opt.update(grads, state, params, foo=1, loss=jnp.asarray(2.0))
+    chex.assert_trees_all_close(actual, expected, **_TIGHT)
+
+  @parameterized.named_parameters(
+    *_named_product(name=_OPTIMIZERS, wrapper=("chain", "multi_steps"))
+  )
+  def test_inside_optax_wrappers(self, name, wrapper):
+    make, make_ref = _OPTIMIZERS[name]
+    params, batch = _params(), _batch()
+    if wrapper == "chain":
+      wrap = lambda t: optax.chain(optax.clip(1.0), t, optax.scale(0.5))
+      iterates, state = _run(wrap(make()), params, batch, 3)
+      ref_iterates, ref_state = _run(wrap(make_ref()), params, batch, 3)
+    else:  # MultiSteps branches with lax.cond: jit it.
+      wrap = lambda t: optax.MultiSteps(t, every_k_schedule=2)
+      (iterates, state), (ref_iterates, ref_state) = _run_pair(
+        wrap(make()), wrap(make_ref()), params, batch, 4
+      )
+      chex.assert_trees_all_close(iterates[0], params, **_TIGHT)  # Accumulating.
+      self.assertFalse(np.allclose(iterates[1]["w"], params["w"]))
+    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
+    chex.assert_trees_all_close(state, ref_state, **_TIGHT)
+
+  @parameterized.named_parameters(*_named_product(name=_OPTIMIZERS, dtype=_DTYPES))
+  def test_dtype_preserved(self, name, dtype):
+    make, make_ref = _OPTIMIZERS[name]
+    dtype = _DTYPES[dtype]
+    params = _params(dtype)
+    grads = _grad_sequence(1, dtype)[0]
+
+    def two_steps(opt):
+      state = opt.init(params)
+      updates, state = opt.update(grads, state, params)
+      return opt.update(grads, state, params)
+
+    # Abstract evaluation: exact dtypes, no compilation.
+    out = jax.eval_shape(functools.partial(two_steps, make()))
+    ref_out = jax.eval_shape(functools.partial(two_steps, make_ref()))
+    updates, state = out
+    for leaf in jax.tree.leaves(updates):
+      self.assertEqual(leaf.dtype, dtype)
+    for leaf in jax.tree.leaves(state):
+      if jnp.issubdtype(leaf.dtype, jnp.floating):
+        self.assertEqual(leaf.dtype, dtype)
+    self.assertEqual(jax.tree.structure(out), jax.tree.structure(ref_out))
+    self.assertEqual(
+      jax.tree.map(lambda x: (x.shape, x.dtype), out),
+      jax.tree.map(lambda x: (x.shape, x.dtype), ref_out),
+    )
+    self.assertEqual(
+      jax.tree.map(lambda x: (x.shape, x.dtype), state),
+      jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(make().init, params)),
+    )
+
+  @parameterized.named_parameters(*_NAMES)
+  def test_state_through_scan_and_cond(self, name):
+    opt = _OPTIMIZERS[name][0]()
+    params, batch = _params(), _batch()
+    state0 = opt.init(params)
+    preds = (True, False, True)
+
+    def body(carry, pred):
+      p, s = carry
+      g = jax.grad(_loss)(p, batch)
+      half = jax.tree.map(lambda x: 0.5 * x, g)
+      u, s = jax.lax.cond(pred, lambda: opt.update(g, s, p), lambda: opt.update(half, s, p))
+      return (optax.apply_updates(p, u), s), None
+
+    scan = jax.jit(lambda p, s: jax.lax.scan(body, (p, s), jnp.asarray(preds))[0])
+    p_scan, s_scan = scan(params, state0)
+    chex.assert_trees_all_equal_shapes_and_dtypes(s_scan, state0)
+
+    p, s = params, state0  # The same steps, eagerly.
+    for pred in preds:
+      g = jax.grad(_loss)(p, batch)
+      u, s = opt.update(jax.tree.map(lambda x: (1.0 if pred else 0.5) * x, g), s, p)
+      p = optax.apply_updates(p, u)
+    chex.assert_trees_all_close((p_scan, s_scan), (p, s), **_TIGHT)
+
+  @parameterized.named_parameters(*_NAMES)
+  def test_flax_nnx_optimizer(self, name):
+    make, make_ref = _OPTIMIZERS[name]
+    x, y = _batch()
+
+    def loss_fn(model):
+      return jnp.mean((jnp.tanh(model(x)) - y) ** 2)
+
+    def train(tx):
+      model = nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      for _ in range(3):
+        optimizer.update(model, nnx.grad(loss_fn)(model))  # flax >= 0.11 signature.
+      return nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer
+
+    params, optimizer = train(make())
+    ref_params, ref_optimizer = train(make_ref())
+    chex.assert_trees_all_close(params, ref_params, **_TIGHT)
+    self.assertEqual(
+      jax.tree.structure(nnx.as_pure(optimizer.opt_state)),
+      jax.tree.structure(nnx.as_pure(ref_optimizer.opt_state)),
+    )
+
+  def test_flax_nnx_optimizer_passes_hyperparams(self):
+    x, y = _batch()
+
+    def loss_fn(model):
+      return jnp.mean((jnp.tanh(model(x)) - y) ** 2)
+
+    def train(tx, **kwargs):
+      model = nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      for _ in range(2):
+        optimizer.update(model, nnx.grad(loss_fn)(model), **kwargs)
+      return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    lr = jnp.asarray(0.03)
+    chex.assert_trees_all_close(
+      train(T.adam(0.1), hyperparams={"learning_rate": lr}), train(optax.adam(0.03)), **_TIGHT
+    )
+
+  def test_adamw_pytree_prefix_mask(self):
+    params, batch = _params(), _batch()
+    for mask in ({"w": True, "b": False}, {"w": False, "b": True}, True):
+      iterates, state = _run(T.adamw(0.05, weight_decay=0.3, mask=mask), params, batch, 2)
+      ref_iterates, ref_state = _run(
+        optax.adamw(0.05, weight_decay=0.3, mask=mask), params, batch, 2
+      )
+      chex.assert_trees_all_close((iterates, state), (ref_iterates, ref_state), **_TIGHT)
+
+
+# ---------------------------------------------------------------------------
+# 4 (continued): optax.inject_hyperparams around the mixflow_optax factories.
+# ---------------------------------------------------------------------------
+
+
+class InjectHyperparamsTest(_X64TestCase):
+  @parameterized.named_parameters(
+    ("sgd", T.sgd, optax.sgd, {"learning_rate": 0.1}),
+    ("sgd_momentum", T.sgd, optax.sgd, {"learning_rate": 0.1, "momentum": 0.9}),
+    ("adam", T.adam, optax.adam, {"learning_rate": 0.1}),
+    ("adamw", T.adamw, optax.adamw, {"learning_rate": 0.1, "weight_decay": 0.1}),
+    ("rmsprop", T.rmsprop, optax.rmsprop, {"learning_rate": 0.01, "momentum": 0.5}),
+  )
+  def test_matches_optax(self, factory, ref_factory, kwargs):
+    opt = optax.inject_hyperparams(factory)(**kwargs)
+    ref = optax.inject_hyperparams(ref_factory)(**kwargs)
+    params, batch = _params(), _batch()
+    p, s, rp, rs = params, opt.init(params), params, ref.init(params)
+    self.assertEqual(jax.tree.structure(s), jax.tree.structure(rs))
+    for i in range(3):
+      if i == 1:  # Change a hyperparameter mid-run, the inject_hyperparams way.
+        s.hyperparams["learning_rate"] = jnp.asarray(0.5 * kwargs["learning_rate"])
+        rs.hyperparams["learning_rate"] = jnp.asarray(0.5 * kwargs["learning_rate"])
+      p, s = _step(opt, p, s, batch)
+      rp, rs = _step(ref, rp, rs, batch)
+      chex.assert_trees_all_close((p, s), (rp, rs), **_TIGHT)
+
+
+# ---------------------------------------------------------------------------
+# 8: reparameterised use: hyperparams= overrides, per-parameter values, grads.
+# ---------------------------------------------------------------------------
+
+# name -> (factory taking hyperparameters as keyword arguments, overrides).
+_OVERRIDE_CASES = {
+  "sgd": (lambda **kw: T.sgd(**{"learning_rate": 0.1, **kw}), {"learning_rate": 0.03}),
+  "sgd_nesterov": (
+    lambda **kw: T.sgd(**{"learning_rate": 0.1, "momentum": 0.9, **kw}, nesterov=True),
+    {"learning_rate": 0.03, "momentum": 0.5},
+  ),
+  "adam": (
+    lambda **kw: T.adam(**{"learning_rate": 0.1, **kw}),
+    {"learning_rate": 0.03, "b1": 0.8, "b2": 0.95, "eps": 1e-4, "eps_root": 1e-6},
+  ),
+  "adamw": (
+    lambda **kw: T.adamw(**{"learning_rate": 0.1, **kw}),
+    {"learning_rate": 0.03, "b2": 0.95, "weight_decay": 0.2},
+  ),
+  "rmsprop_momentum": (
+    lambda **kw: T.rmsprop(**{"learning_rate": 0.1, "momentum": 0.9, **kw}),
+    {"learning_rate": 0.03, "decay": 0.8, "eps": 1e-4, "momentum": 0.5},
+  ),
+  "rmsprop_centered": (
+    lambda **kw: T.rmsprop(**{"learning_rate": 0.1, **kw}, centered=True),
+    {"decay": 0.8, "eps": 1e-4},
+  ),
+  "adam_schedule": (
+    lambda **kw: T.adam(**{"learning_rate": _SCHEDULE, **kw}),
+    {"learning_rate": 0.03, "b1": 0.8},
+  ),
+}
+
+# Optimizers whose update is linear in a final learning rate.
+_LR_LAST = {
+  "sgd_momentum": lambda: T.sgd(0.1, momentum=0.9),
+  "adam": lambda: T.adam(0.1),
+  "adamw": lambda: T.adamw(0.1, weight_decay=0.1),
+  "rmsprop_momentum": lambda: T.rmsprop(0.1, momentum=0.9),
+  "mfo_clip_adam": lambda: T.chain(T.clip_by_global_norm(1.0), T.adam(0.1)),
+}
+
+
+class ReparamTest(_X64TestCase):
+  def test_hyperparams_property(self):
+    opt = T.adam(0.1)
+    self.assertEqual(
+      dict(opt.hyperparams),
+      {"learning_rate": 0.1, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0},
+    )
+    with self.assertRaises(TypeError):
+      opt.hyperparams["b1"] = 0.5  # Read-only.
+    self.assertEqual(sorted(T.sgd(0.1).hyperparams), ["learning_rate"])
+    self.assertEqual(sorted(T.sgd(0.1, momentum=0.9).hyperparams), ["learning_rate", "momentum"])
+    self.assertEqual(
+      sorted(T.adamw(0.1).hyperparams),
+      ["b1", "b2", "eps", "eps_root", "learning_rate", "weight_decay"],
+    )
+    self.assertEqual(
+      sorted(T.chain(optax.clip_by_global_norm(1.0), T.rmsprop(0.1, momentum=0.9)).hyperparams),
+      ["decay", "eps", "learning_rate", "momentum"],
+    )
+
+  @parameterized.named_parameters(*((n, n) for n in _OVERRIDE_CASES))
+  def test_override_equals_construction(self, name):
+    factory, overrides = _OVERRIDE_CASES[name]
+    grads_seq = _grad_sequence()
+    expected = _updates_for(factory(**overrides), grads_seq)
+    actual = _updates_for(factory(), grads_seq, hyperparams=overrides)
+    chex.assert_trees_all_close(actual, expected, **_TIGHT)
+    as_arrays = {k: jnp.asarray(v) for k, v in overrides.items()}  # Scalar jnp arrays.
+    chex.assert_trees_all_close(
+      _updates_for(factory(), grads_seq, hyperparams=as_arrays), expected, **_TIGHT
+    )
+    # Omitted names keep their defaults; the defaults are not mutated.
+    chex.assert_trees_all_close(
+      _updates_for(factory(), grads_seq, hyperparams={}),
+      _updates_for(factory(), grads_seq),
+      **_TIGHT,
+    )
+
+  @parameterized.named_parameters(*((n, n) for n in _LR_LAST))
+  def test_per_parameter_learning_rate(self, name):
+    opt = _LR_LAST[name]()
+    grads_seq = _grad_sequence()
+    mixed = _updates_for(opt, grads_seq, hyperparams={"learning_rate": {"w": 0.1, "b": 0.02}})
+    all_w = _updates_for(opt, grads_seq, hyperparams={"learning_rate": 0.1})
+    all_b = _updates_for(opt, grads_seq, hyperparams={"learning_rate": 0.02})
+    for u, uw, ub in zip(mixed, all_w, all_b):
+      chex.assert_trees_all_close(u["w"], uw["w"], **_TIGHT)
+      chex.assert_trees_all_close(u["b"], ub["b"], **_TIGHT)
+
+  @parameterized.named_parameters(*((n, n) for n in _LR_LAST))
+  def test_per_element_learning_rate(self, name):
+    opt = _LR_LAST[name]()
+    # Fixed gradients and parameters: every update is linear in the final
+    # learning rate, element by element.
+    grads_seq = _grad_sequence()
+    params = _params()
+    state = opt.init(params)
+    unit_state = state
+    rates = {
+      "w": jnp.asarray([[0.1, 0.2], [0.3, 0.05], [0.0, 1.0]]),
+      "b": jnp.asarray(0.07),  # A scalar for one leaf, an array for the other.
+    }
+    broadcast = {"w": jnp.asarray([[0.1, 0.2]]), "b": jnp.asarray([0.3, 0.4])}
+    bstate = state
+    for g in grads_seq:
+      u, state = opt.update(g, state, params, hyperparams={"learning_rate": rates})
+      unit, unit_state = opt.update(g, unit_state, params, hyperparams={"learning_rate": 1.0})
+      ub, bstate = opt.update(g, bstate, params, hyperparams={"learning_rate": broadcast})
+      chex.assert_trees_all_close(u, jax.tree.map(jnp.multiply, rates, unit), **_TIGHT)
+      chex.assert_trees_all_close(ub, jax.tree.map(jnp.multiply, broadcast, unit), **_TIGHT)
+      for leaf, ref_leaf in zip(jax.tree.leaves(u), jax.tree.leaves(unit)):
+        self.assertEqual(leaf.shape, ref_leaf.shape)
+
+  def test_per_element_rates_in_other_hyperparams(self):
+    """Per-element b1 / momentum / decay equal running each value separately."""
+    grads_seq = _grad_sequence()
+    for opt, name, vals in (
+      (T.adam(0.1), "b1", (0.5, 0.9)),
+      (T.sgd(0.1, momentum=0.9), "momentum", (0.2, 0.9)),
+      (T.rmsprop(0.1), "decay", (0.5, 0.95)),
+    ):
+      lo, hi = vals
+      mask = {"w": jnp.asarray([[True, False], [False, True], [True, True]]), "b": False}
+      per_elem = jax.tree.map(lambda m: jnp.where(m, lo, hi), mask)
+      mixed = _updates_for(opt, grads_seq, hyperparams={name: per_elem})
+      u_lo = _updates_for(opt, grads_seq, hyperparams={name: lo})
+      u_hi = _updates_for(opt, grads_seq, hyperparams={name: hi})
+      for u, a, b in zip(mixed, u_lo, u_hi):
+        expected = jax.tree.map(lambda m, x, y: jnp.where(m, x, y), mask, a, b)
+        chex.assert_trees_all_close(u, expected, **_TIGHT)
+
+  def test_integer_and_low_precision_hyperparams_keep_dtype(self):
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), _params())
+    grads = jax.tree.map(lambda p: p.astype(jnp.float32), _grad_sequence(1)[0])
+    for opt, hp in (
+      (T.sgd(0.1), {"learning_rate": 1}),
+      (T.sgd(0.1), {"learning_rate": jnp.asarray(0.5, jnp.float64)}),
+      (T.adam(0.1), {"learning_rate": jnp.asarray(0.5, jnp.float64), "b1": 0}),
+      (
+        T.chain(T.clip_by_global_norm(1.0), T.sgd(0.1)),
+        {"max_norm": jnp.asarray(0.1, jnp.float64)},
+      ),
+    ):
+      updates, state = opt.update(grads, opt.init(params), params, hyperparams=hp)
+      for leaf in jax.tree.leaves((updates, state)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+          self.assertEqual(leaf.dtype, jnp.float32)
+
+
+# name -> (factory, hyperparameter, value).
+_FD_CASES = (
+  ("adam_learning_rate", lambda: T.adam(0.1, eps=1e-3), "learning_rate", 0.1),
+  ("adam_b1", lambda: T.adam(0.1, eps=1e-3), "b1", 0.9),
+  ("adam_b2", lambda: T.adam(0.1, eps=1e-3), "b2", 0.99),
+  ("adam_eps", lambda: T.adam(0.1, eps=1e-3), "eps", 1e-3),
+  ("adam_nesterov_b1", lambda: T.adam(0.1, eps=1e-3, nesterov=True), "b1", 0.9),
+  ("rmsprop_learning_rate", lambda: T.rmsprop(0.1, eps=1e-3), "learning_rate", 0.1),
+  ("rmsprop_decay", lambda: T.rmsprop(0.1, eps=1e-3), "decay", 0.9),
+  ("rmsprop_eps", lambda: T.rmsprop(0.1, eps=1e-3), "eps", 1e-3),
+  ("rmsprop_centered_decay", lambda: T.rmsprop(0.1, centered=True), "decay", 0.9),
+  ("sgd_momentum", lambda: T.sgd(0.1, momentum=0.9), "momentum", 0.9),
+  ("sgd_nesterov_momentum", lambda: T.sgd(0.1, momentum=0.9, nesterov=True), "momentum", 0.9),
+  ("adamw_weight_decay", lambda: T.adamw(0.1, weight_decay=0.1), "weight_decay", 0.1),
+  # The fixed gradients have global norm ~3: clipping active at 1, inactive at 10.
+  ("clip_active", lambda: T.chain(T.clip_by_global_norm(1.0), T.sgd(0.1)), "max_norm", 1.0),
+  (
+    "clip_inactive",
+    lambda: T.chain(T.clip_by_global_norm(1.0), T.sgd(0.1)),
+    "max_norm",
+    10.0,
+  ),
+)
+
+
+class HyperparamGradientTest(_X64TestCase):
+  @parameterized.named_parameters(*_FD_CASES)
+  def test_grad_matches_finite_differences(self, make, name, value):
+    opt = make()
+    grads_seq = _grad_sequence()
+
+    def f(h):
+      return _weighted_sum(_updates_for(opt, grads_seq, hyperparams={name: h}))
+
+    grad = jax.grad(f)(jnp.asarray(value))
+    fd = _central_fd(f, value, 1e-6 * value)
+    self.assertTrue(np.isfinite(grad))
+    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
+    if name == "max_norm" and value > 5:
+      self.assertEqual(float(grad), 0.0)  # Inactive clipping: no dependence.
+    else:
+      self.assertGreater(abs(float(grad)), 1e-6)  # Not vacuous.
+
+  def test_grad_of_per_parameter_learning_rates(self):
+    opt = T.adam(0.1)
+    grads_seq = _grad_sequence()
+    rates = {"w": jnp.full((3, 2), 0.1), "b": jnp.asarray(0.05)}
+
+    def f(r):
+      return _weighted_sum(_updates_for(opt, grads_seq, hyperparams={"learning_rate": r}))
+
+    grad = jax.grad(f)(rates)
+    fd_b = _central_fd(lambda b: f({"w": rates["w"], "b": b}), rates["b"], 1e-6)
+    np.testing.assert_allclose(grad["b"], fd_b, rtol=1e-7)
+    self.assertEqual(grad["w"].shape, (3, 2))
+    e = jnp.zeros((3, 2)).at[1, 0].set(1.0)
+    fd_w10 = _central_fd(lambda t: f({"w": rates["w"] + t * e, "b": rates["b"]}), 0.0, 1e-6)
+    np.testing.assert_allclose(grad["w"][1, 0], fd_w10, rtol=1e-7)
+
+  def test_grad_through_unrolled_training(self):
+    """Meta-gradient of the loss after a few steps, w.r.t. lr and b1."""
+    opt = T.adam(0.05)
+    params, batch = _params(), _batch()
+
+    def meta_loss(hp):
+      iterates, _ = _run(opt, params, batch, 3, hyperparams=hp)
+      return _loss(iterates[-1], batch)
+
+    hp = {"learning_rate": jnp.asarray(0.05), "b1": jnp.asarray(0.9)}
+    grad = jax.grad(meta_loss)(hp)
+    for k in hp:
+      fd = _central_fd(lambda v, k=k: meta_loss({**hp, k: v}), hp[k], 1e-6)
+      np.testing.assert_allclose(grad[k], fd, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# 9: errors and namespacing.
+# ---------------------------------------------------------------------------
+
+
+class ErrorsTest(_X64TestCase):
+  def _update(self, opt, **kw):
+    params = _params()
+    return opt.update(_grad_sequence(1)[0], opt.init(params), params, **kw)
+
+  def test_unknown_name_lists_valid_names(self):
+    with self.assertRaisesRegex(ValueError, "learning_rat") as cm:
+      self._update(T.adam(0.1), hyperparams={"learning_rat": 0.1})
+    self.assertIn("['b1', 'b2', 'eps', 'eps_root', 'learning_rate']", str(cm.exception))
+    with self.assertRaisesRegex(ValueError, r"momentum"):  # Built without momentum.
+      self._update(T.sgd(0.1), hyperparams={"momentum": 0.9})
+    with self.assertRaisesRegex(ValueError, r"\['learning_rate', 'momentum'\]"):
+      self._update(T.sgd(0.1, momentum=0.9), hyperparams={"decay": 0.9})
+
+  def test_unknown_name_under_rename_lists_public_names(self):
+    opt = T.rename_hyperparams(T.trace(0.9), {"decay": "momentum"})
+    self.assertEqual(dict(opt.hyperparams), {"momentum": 0.9})
+    with self.assertRaisesRegex(ValueError, r"\['momentum'\]"):
+      self._update(opt, hyperparams={"decay": 0.5})  # The inner name is not public.
+    chex.assert_trees_all_close(
+      self._update(opt, hyperparams={"momentum": 0.5}),
+      self._update(T.trace(0.5)),
+      **_TIGHT,
+    )
+
+  def test_wrong_structure(self):
+    with self.assertRaisesRegex(ValueError, "structure"):
+      self._update(T.adam(0.1), hyperparams={"learning_rate": {"w": 0.1}})
+    with self.assertRaisesRegex(ValueError, "structure"):
+      self._update(T.sgd(0.1, momentum=0.9), hyperparams={"momentum": [0.9, 0.9]})
+
+  def test_non_broadcastable_shape(self):
+    with self.assertRaisesRegex(ValueError, "broadcast"):
+      self._update(T.adam(0.1), hyperparams={"learning_rate": {"w": jnp.ones((2, 3)), "b": 0.1}})
+    with self.assertRaisesRegex(ValueError, "broadcast"):
+      self._update(T.adam(0.1), hyperparams={"b1": {"w": 0.9, "b": jnp.full((2, 2), 0.9)}})
+
+  def test_other_misuse(self):
+    with self.assertRaises(TypeError):
+      self._update(T.adam(0.1), hyperparams=[("learning_rate", 0.1)])
+    with self.assertRaises(TypeError):  # Schedules only as the constructor's rate.
+      self._update(T.sgd(0.1), hyperparams={"learning_rate": _SCHEDULE})
+    with self.assertRaisesRegex(ValueError, "scalar"):
+      self._update(T.clip_by_global_norm(1.0), hyperparams={"max_norm": jnp.ones(2)})
+    with self.assertRaises(ValueError):  # add_decayed_weights needs params.
+      T.adamw(0.1).update(_params(), T.adamw(0.1).init(_params()))
+
+  def test_duplicate_names_in_chain(self):
+    with self.assertRaisesRegex(ValueError, "named_chain"):
+      T.chain(T.sgd(0.1), T.adam(0.1))
+    with self.assertRaisesRegex(ValueError, "learning_rate"):
+      T.chain(T.scale_by_learning_rate(0.1), T.scale_by_learning_rate(0.2))
+    with self.assertRaisesRegex(ValueError, "unique"):
+      T.named_chain(("a", T.sgd(0.1)), ("a", T.sgd(0.2)))
+
+  def test_named_chain_namespacing(self):
+    opt = T.named_chain(
+      ("a", T.scale_by_learning_rate(0.1, flip_sign=False)),
+      ("clip", optax.clip(10.0)),  # Stock optax members have no hyperparameters.
+      ("b", T.scale_by_learning_rate(0.5, flip_sign=False)),
+    )
+    self.assertEqual(sorted(opt.hyperparams), ["a/learning_rate", "b/learning_rate"])
+    g = _grad_sequence(1)[0]
+    state = opt.init(_params())
+    u, _ = opt.update(g, state)
+    chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.05 * x, g), **_TIGHT)
+    u, _ = opt.update(g, state, hyperparams={"a/learning_rate": 0.2})
+    chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.1 * x, g), **_TIGHT)
+    with self.assertRaisesRegex(ValueError, "a/learning_rate"):
+      opt.update(g, state, hyperparams={"learning_rate": 0.2})
+    # named_chain of the building blocks is optax.adam, with namespaced names.
+    adam = T.named_chain(("adam", T.scale_by_adam()), ("lr", T.scale_by_learning_rate(0.05)))
+    params, batch = _params(), _batch()
+    iterates, _ = _run(adam, params, batch, 3)
+    ref_iterates, _ = _run(optax.adam(0.05), params, batch, 3)
+    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
+    iterates, _ = _run(
+      adam, params, batch, 3, hyperparams={"lr/learning_rate": 0.01, "adam/b1": 0.5}
+    )
+    ref_iterates, _ = _run(optax.adam(0.01, b1=0.5), params, batch, 3)
+    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
+
+
+# ---------------------------------------------------------------------------
+# 10: the zero-gradient trap.
+# ---------------------------------------------------------------------------
+
+# name -> (mixflow_optax factory of lr, stock optax factory of lr).
+_TRAP_OPTIMIZERS = {
+  "adam": (
+    lambda lr, eps=1e-8: T.adam(lr, eps=eps),
+    lambda lr, eps=1e-8: optax.adam(lr, eps=eps),
+  ),
+  "adamw": (
+    lambda lr, eps=1e-8: T.adamw(lr, eps=eps, weight_decay=0.1),
+    lambda lr, eps=1e-8: optax.adamw(lr, eps=eps, weight_decay=0.1),
+  ),
+  "rmsprop_eps_outside_sqrt": (
+    lambda lr, eps=1e-8: T.rmsprop(lr, eps=eps, eps_in_sqrt=False),
+    lambda lr, eps=1e-8: optax.rmsprop(lr, eps=eps, eps_in_sqrt=False),
+  ),
+  "clip_sgd": (
+    lambda lr, eps=None: T.chain(T.clip_by_global_norm(1.0), T.sgd(lr)),
+    lambda lr, eps=None: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(lr)),
+  ),
+}
+# Where plain autodiff of stock optax gives NaN: everywhere except clipping
+# with only some zero entries (the global norm is then positive).
+_STOCK_LR_GRAD_IS_NAN = {
+  ("adam", "some"),
+  ("adam", "all"),
+  ("adamw", "some"),
+  ("adamw", "all"),
+  ("rmsprop_eps_outside_sqrt", "some"),
+  ("rmsprop_eps_outside_sqrt", "all"),
+  ("clip_sgd", "all"),
+}
+
+
+class ZeroGradientTest(_X64TestCase):
+  @parameterized.named_parameters(*_named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all")))
+  def test_meta_gradient_wrt_learning_rate(self, name, zeros):
+    make, make_ref = _TRAP_OPTIMIZERS[name]
+    params, batch = _params(), _batch(zeros=zeros)
+    if zeros == "all":
+      params["b"] = jnp.zeros_like(params["b"])
+    g0 = jax.grad(_loss)(params, batch)
+    if zeros == "some":
+      self.assertTrue(bool(jnp.all(g0["w"][2] == 0)) and bool(jnp.all(g0["w"][:2] != 0)))
+    else:
+      self.assertTrue(all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(g0)))
+
+    def meta_loss(factory, lr):
+      iterates, _ = _run(factory(lr), params, batch, 3)
+      return _loss(iterates[-1], batch)
+
+    lr = 0.05
+    f = functools.partial(meta_loss, make)
+    f_ref = functools.partial(meta_loss, make_ref)
+    value, grad = jax.value_and_grad(f)(lr)
+    ref_value, ref_grad = jax.value_and_grad(f_ref)(lr)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12, atol=1e-15)  # Same forward.
+    self.assertTrue(np.isfinite(grad), msg=f"grad={grad}")
+    np.testing.assert_allclose(grad, _central_fd(f, lr, 1e-6), rtol=1e-6, atol=1e-10)
+    if zeros == "some":
+      self.assertGreater(abs(float(grad)), 1e-3)  # Not vacuous.
+    if (name, zeros) in _STOCK_LR_GRAD_IS_NAN:
+      self.assertTrue(np.isnan(ref_grad), msg="stock optax no longer gives NaN here")
+    else:
+      np.testing.assert_allclose(grad, ref_grad, rtol=1e-8)
+
+  @parameterized.named_parameters(*_named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all")))
+  def test_gradient_wrt_gradient_input(self, name, zeros):
+    """d(updates)/d(gradients) at gradients with exactly-zero entries."""
+    make, make_ref = _TRAP_OPTIMIZERS[name]
+    # eps=1e-3 keeps the (finite, 1/eps-sized) derivative at zero entries
+    # within reach of central differences.
+    make = functools.partial(make, eps=1e-3)
+    make_ref = functools.partial(make_ref, eps=1e-3)
+    g = _grad_sequence(1)[0]
+    if zeros == "some":
+      g = {"w": g["w"].at[1].set(0.0), "b": g["b"].at[0].set(0.0)}
+    else:
+      g = jax.tree.map(jnp.zeros_like, g)
+    coefficients = (1.0, -0.5, 2.0)  # Three steps with gradients c_t * g.
+
+    def f(factory, g):
+      grads_seq = [jax.tree.map(lambda x, c=c: c * x, g) for c in coefficients]
+      return _weighted_sum(_updates_for(factory(0.1), grads_seq))
+
+    value, grad = jax.value_and_grad(functools.partial(f, make))(g)
+    ref_value, ref_grad = jax.value_and_grad(functools.partial(f, make_ref))(g)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12, atol=1e-15)  # Same forward.
+    _assert_finite(self, grad)
+
+    # Central differences in every coordinate at once (vmapped). Along a zero
+    # coordinate the function is a*h / (b*|h| + eps), whose derivative at 0
+    # is a/eps: a tiny step resolves it.
+    flat, unravel = ravel_pytree(g)
+    flat_grad, _ = ravel_pytree(grad)
+    steps = jnp.where(flat != 0, 1e-6, 1e-9)
+    shifts = jnp.diag(steps)
+    f_flat = jax.jit(jax.vmap(lambda x: f(make, unravel(x))))
+    fd = (f_flat(flat[None] + shifts) - f_flat(flat[None] - shifts)) / (2 * steps)
+    np.testing.assert_allclose(flat_grad, fd, rtol=1e-5, atol=1e-6)
+    if name != "clip_sgd":  # The derivative along zero coordinates is ~1/eps.
+      self.assertGreater(float(jnp.max(jnp.abs(jnp.where(flat == 0, flat_grad, 0)))), 10.0)
+
+    stock_nan = name != "clip_sgd" or zeros == "all"
+    self.assertEqual(_has_nan(ref_grad), stock_nan)
+    if not stock_nan:
+      chex.assert_trees_all_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+  def test_safe_sqrt(self):
+    x = jnp.asarray([0.0, 4.0])
+    np.testing.assert_array_equal(T.safe_sqrt(x), jnp.sqrt(x))
+    np.testing.assert_array_equal(jax.grad(lambda x: T.safe_sqrt(x).sum())(x), [0.0, 0.25])
+    np.testing.assert_array_equal(jax.jvp(T.safe_sqrt, (x,), (jnp.ones(2),))[1], [0.0, 0.25])
+    hess = jax.hessian(lambda x: T.safe_sqrt(x).sum())(x)
+    _assert_finite(self, hess)
+    self.assertTrue(_has_nan(jax.grad(lambda x: (0 * jnp.sqrt(x)).sum())(x)))
+
+
+if __name__ == "__main__":
+  absltest.main()

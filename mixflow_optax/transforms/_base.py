@@ -148,9 +148,9 @@ def per_leaf(name: str, value: Any, updates: Any, owner: str) -> list[Any]:
       )
     if jnp.issubdtype(jnp.result_type(v), jnp.integer) or isinstance(v, bool):
       v = jnp.asarray(v, jnp.result_type(leaf))
-    elif isinstance(v, (jax.Array, np.ndarray)) and jnp.result_type(v) != jnp.result_type(leaf):
-      # Keep the update in the parameter's dtype (e.g. bf16 params, f32 rates).
-      v = v.astype(jnp.result_type(leaf))
+    # Float values keep their dtype: the arithmetic runs in the promoted dtype
+    # (e.g. f32 rates with bf16 params, so b2 = 0.999 does not round to 1) and
+    # each transform casts its outputs back to the dtypes of its inputs/state.
     out.append(v)
   return out
 

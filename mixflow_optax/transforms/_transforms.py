@@ -120,7 +120,7 @@ def scale(step_size: jax.typing.ArrayLike) -> ReparamTransformation:
     del params, extra_args
     hp = resolve_hyperparams(hyperparams, defaults, owner)
     s = per_leaf("step_size", hp["step_size"], updates, owner)
-    return map_leaves(lambda g, s: s * g, updates, s), state
+    return map_leaves(lambda g, s: (s * g).astype(g.dtype), updates, s), state
 
   return ReparamTransformation(init_fn, update_fn, defaults)
 
@@ -169,7 +169,7 @@ def scale_by_learning_rate(
       updates = jax.tree.map(lambda g: jnp.array(step, dtype=g.dtype) * g, updates)
     else:
       rates = per_leaf("learning_rate", lr, updates, owner)
-      updates = map_leaves(lambda g, r: (m * r) * g, updates, rates)
+      updates = map_leaves(lambda g, r: ((m * r) * g).astype(g.dtype), updates, rates)
     if is_schedule:
       state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
     return updates, state
@@ -210,7 +210,7 @@ def trace(
     def leaf(g, t, mu):
       new_t = g + mu * t
       u = g + mu * new_t if nesterov else new_t
-      return u, (new_t if acc_dtype is None else new_t.astype(acc_dtype))
+      return u.astype(g.dtype), new_t.astype(t.dtype if acc_dtype is None else acc_dtype)
 
     outs = _leaf_outputs(leaf, updates, state.trace, mus)
     new_updates, new_trace = _unzip(updates, outs, 2)
@@ -268,6 +268,7 @@ def scale_by_adam(
     count_inc = optax.safe_increment(state.count)
 
     def leaf(g, m, v, b1, b2, eps, eps_root):
+      m_dtype, v_dtype = m.dtype, v.dtype
       m = (1 - b1) * g + b1 * m
       sq = (g * jnp.conj(g)).real if jnp.iscomplexobj(g) else g**2
       v = (1 - b2) * sq + b2 * v
@@ -279,8 +280,7 @@ def scale_by_adam(
         m_hat = _bias_correction(m, b1, count_inc)
       v_hat = _bias_correction(v, b2, count_inc)
       u = m_hat / (safe_sqrt(v_hat + eps_root) + eps)
-      m = m if mu_dtype is None else m.astype(mu_dtype)
-      return u, m, v
+      return u.astype(g.dtype), m.astype(m_dtype), v.astype(v_dtype)
 
     outs = _leaf_outputs(leaf, updates, state.mu, state.nu, *cols)
     u, mu, nu = _unzip(updates, outs, 3)
@@ -329,13 +329,14 @@ def scale_by_rms(
     count_inc = optax.safe_increment(state.count) if bias_correction else None
 
     def leaf(g, v, rho, eps):
+      v_dtype = v.dtype
       v = (1 - rho) * (g**2) + rho * v
       v_hat = _bias_correction(v, rho, count_inc) if bias_correction else v
       if eps_in_sqrt:
         s = jax.lax.rsqrt(v_hat + eps)
       else:
         s = 1 / (safe_sqrt(v_hat) + eps)
-      return s * g, v
+      return (s * g).astype(g.dtype), v.astype(v_dtype)
 
     u, nu = _unzip(updates, _leaf_outputs(leaf, updates, state.nu, decays, epss), 2)
     if bias_correction:
@@ -378,6 +379,7 @@ def scale_by_stddev(
     count_inc = optax.safe_increment(state.count) if bias_correction else None
 
     def leaf(g, m, v, rho, eps):
+      m_dtype, v_dtype = m.dtype, v.dtype
       m = (1 - rho) * g + rho * m
       v = (1 - rho) * (g**2) + rho * v
       if bias_correction:
@@ -388,7 +390,7 @@ def scale_by_stddev(
         s = jax.lax.rsqrt(v_hat - m_hat**2 + eps)
       else:
         s = 1 / (safe_sqrt(v_hat - m_hat**2) + eps)
-      return s * g, m, v
+      return (s * g).astype(g.dtype), m.astype(m_dtype), v.astype(v_dtype)
 
     outs = _leaf_outputs(leaf, updates, state.mu, state.nu, decays, epss)
     u, mu, nu = _unzip(updates, outs, 3)
@@ -441,7 +443,7 @@ def add_decayed_weights(
       full = jax.tree.map(lambda mk, sub: jax.tree.map(lambda _: mk, sub), m, updates)
       masks = jax.tree.leaves(full)
     return map_leaves(
-      lambda g, p, wd, mk: g + wd * p if mk else g, updates, params, wds, masks
+      lambda g, p, wd, mk: (g + wd * p).astype(g.dtype) if mk else g, updates, params, wds, masks
     ), state
 
   return ReparamTransformation(init_fn, update_fn, defaults)

@@ -26,3 +26,20 @@ def test_ci_runs_the_readme_test_command():
   ci_cmds = [ln.strip() for ln in ci.splitlines() if ln.strip().startswith("python -m pytest")]
   assert ci_cmds == [pytest_cmd], (ci_cmds, pytest_cmd)
   assert '-e ".[test]"' in ci and "python3 -m venv" in ci
+
+
+def test_readme_runnable_example():
+  text = (ROOT / "README.md").read_text()
+  blocks = [
+    b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "Runnable example" in b
+  ]
+  assert len(blocks) == 1
+  namespace = {}
+  exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+  import jax.numpy as jnp
+
+  leaves = [namespace["meta_grads"]["logits"], namespace["meta_grads"]["log_lr"]]
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+  assert float(jnp.max(jnp.abs(namespace["meta_grads"]["logits"]))) > 0
+  # The outer step moved the meta-parameters.
+  assert float(namespace["meta"]["log_lr"]) != float(jnp.log(1e-2))

@@ -2,7 +2,7 @@
 
 Examples::
 
-  python -m mixflow_optax.bench                      # mlp T=4, lm T=4,8; 5 reps
+  python -m mixflow_optax.bench                      # mlp T=4, lm T=4,8; 3 reps (~13 min on 2 CPU cores)
   python -m mixflow_optax.bench --small --reps 1     # smoke run, tiny models
   python -m mixflow_optax.bench --models lm --T 8 --compile-only
   python -m mixflow_optax.bench --methods standard,standard_best,mixflow
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     help=f"comma-separated methods (default: all: {','.join(METHODS)}); "
     "'standard' is always included as the reference",
   )
-  p.add_argument("--reps", type=int, default=5, help="timed interleaved rounds (default: 5)")
+  p.add_argument("--reps", type=int, default=3, help="timed interleaved rounds (default: 3)")
   p.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
   p.add_argument(
     "--compile-only",

@@ -57,7 +57,7 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
     init: ``init(params) -> state``.
     update: ``update(updates, state, params=None, *, hyperparams=None,
       **extra_args) -> (updates, state)``.
-    hyperparams: read-only dict, hyperparameter name -> default value.
+    hyperparams: dict, hyperparameter name -> default value (a copy).
   """
 
   # NamedTuple subclasses cannot add fields; the defaults live on the instance
@@ -73,8 +73,9 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
     return obj
 
   @property
-  def hyperparams(self) -> Mapping[str, Any]:
-    return self.__dict__.get("_hyperparams", types.MappingProxyType({}))
+  def hyperparams(self) -> dict[str, Any]:
+    """Hyperparameter name -> default value (a fresh dict: editing it changes nothing)."""
+    return dict(self.__dict__.get("_hyperparams", {}))
 
   def __repr__(self) -> str:
     names = ", ".join(self.hyperparams)

@@ -3,6 +3,7 @@ with mixed-mode (forward-over-reverse) differentiation (MixFlow-MG)."""
 
 from mixflow_optax import transforms
 from mixflow_optax._fwdrev import ForwardModeError, fwdrev_grad, fwdrev_value_and_grad
+from mixflow_optax._meta import MetaOptimizer, MetaState, meta_optimizer
 from mixflow_optax._unroll import INNER_GRAD_NAME, unroll
 
 __version__ = "0.1.0"
@@ -10,8 +11,11 @@ __version__ = "0.1.0"
 __all__ = [
   "INNER_GRAD_NAME",
   "ForwardModeError",
+  "MetaOptimizer",
+  "MetaState",
   "fwdrev_grad",
   "fwdrev_value_and_grad",
+  "meta_optimizer",
   "transforms",
   "unroll",
 ]

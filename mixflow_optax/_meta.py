@@ -1,0 +1,234 @@
+r"""The meta-optimizer: one object that owns the inner and the outer optimisation.
+
+.. math::
+
+  \theta_T(\eta) = \mathrm{unroll}(\theta_0, s_0, x_{1..T}; \eta), \qquad
+  \eta \leftarrow \eta + \mathrm{outer\_opt}\big(\nabla_\eta V(\theta_T(\eta), \eta,
+  x_\text{val})\big).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mixflow_optax._fwdrev import Fallback
+from mixflow_optax._unroll import Mode, unroll
+
+__all__ = ["MetaState", "MetaOptimizer", "meta_optimizer"]
+
+
+class MetaState(NamedTuple):
+  """State of :func:`meta_optimizer`.
+
+  Attributes:
+    meta_params: the meta-parameters :math:`\\eta` being learned.
+    params: the inner parameters the next step starts from. Online (the
+      default) these are the last step's :math:`\\theta_T`. With
+      ``reset_inner=True`` they are the fixed starting point given to
+      ``init``. With ``init_params_fn`` they are ``init_params_fn(meta_params)``.
+    inner_state: the inner optimizer state the next step starts from (same
+      rules as ``params``).
+    outer_state: the outer optimizer's state.
+    count: number of meta-steps taken (int32).
+  """
+
+  meta_params: Any
+  params: Any
+  inner_state: optax.OptState
+  outer_state: optax.OptState
+  count: jax.Array
+
+
+class MetaOptimizer(NamedTuple):
+  """Pure functions ``init(meta_params, params) -> MetaState`` and
+  ``step(state, inner_batches, outer_batch) -> (MetaState, metrics)``."""
+
+  init: Callable[..., MetaState]
+  step: Callable[[MetaState, Any, Any], tuple[MetaState, dict[str, jax.Array]]]
+
+
+def _check_meta_params(meta_params: Any) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(meta_params):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      raise TypeError(
+        f"meta_params leaf {jax.tree_util.keystr(path) or '<root>'} has dtype "
+        f"{jnp.result_type(leaf)}; meta-parameters are learned by gradient descent "
+        "and must be floating point (e.g. jnp.asarray(x, jnp.float32)). Keep "
+        "integer constants out of meta_params (close over them or put them in "
+        "the batches)."
+      )
+
+
+def meta_optimizer(
+  inner_loss: Callable[[optax.Params, Any, Any], jax.Array],
+  outer_loss: Callable[[optax.Params, Any, Any], jax.Array],
+  inner_opt: optax.GradientTransformation,
+  outer_opt: optax.GradientTransformation,
+  *,
+  hyperparams_fn: Callable[[Any], dict[str, Any]] | None = None,
+  mode: Mode = "mixflow",
+  reset_inner: bool = False,
+  init_params_fn: Callable[[Any], optax.Params] | None = None,
+  batched_tasks: bool = False,
+  remat: bool = True,
+  save_inner_grads: bool = True,
+  fallback: Fallback = "raise",
+) -> MetaOptimizer:
+  r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
+
+  One ``step`` unrolls ``inner_opt`` over the leading axis of
+  ``inner_batches`` (T steps, :func:`mixflow_optax.unroll`), evaluates
+  ``outer_loss`` on the result, takes the exact meta-gradient
+
+  .. math::
+
+    \nabla_\eta\, V\big(\theta_T(\eta), \eta, x_\text{outer}\big)
+
+  and applies ``outer_opt`` to the meta-parameters. By default the inner
+  parameters and optimizer state carry over to the next step (online
+  truncated backpropagation, as in optax's meta-learning tutorial, which
+  this reproduces step for step).
+
+  Args:
+    inner_loss: ``inner_loss(params, meta_params, batch) -> scalar``.
+    outer_loss: ``outer_loss(params, meta_params, batch) -> scalar``,
+      evaluated at :math:`\theta_T`.
+    inner_opt: a :mod:`mixflow_optax.transforms` optimizer (or any optax
+      transform when ``hyperparams_fn`` is None).
+    outer_opt: any optax transform, applied to the meta-parameters.
+    hyperparams_fn: ``meta_params -> dict`` of inner hyperparameters, as in
+      :func:`mixflow_optax.unroll`; use ``jnp.exp`` / ``jax.nn.sigmoid`` for
+      positivity or a range.
+    mode: ``"mixflow"`` (default), ``"standard"`` or ``"first_order"`` (the
+      first-order MAML **approximation**: second-order terms are dropped).
+    reset_inner: start every step from the ``params`` given to ``init`` and a
+      fresh inner optimizer state, instead of carrying them over.
+    init_params_fn: MAML: ``meta_params -> params``, the learned
+      initialisation. Implies a reset every step; the meta-gradient flows
+      through it.
+    batched_tasks: ``inner_batches`` and ``outer_batch`` have a leading task
+      axis; the inner problem is vmapped over tasks and the meta-gradient is
+      the mean over tasks (needs ``reset_inner`` or ``init_params_fn``).
+    remat, save_inner_grads, fallback: passed to :func:`mixflow_optax.unroll`.
+
+  Returns:
+    A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
+    params=None)`` (``params`` is required unless ``init_params_fn`` is
+    given). ``step(state, inner_batches, outer_batch) -> (state, metrics)``
+    is pure and jit-able; ``metrics`` has ``outer_loss`` (before the update),
+    ``inner_losses`` (shape ``(T,)``, or ``(tasks, T)``) and
+    ``meta_grad_norm``.
+
+  Examples:
+    Learn RMSProp's learning rate online (optax's meta-learning tutorial):
+
+    >>> import jax, jax.numpy as jnp, optax, mixflow_optax as mfo
+    >>> loss = lambda theta, meta, xy: optax.l2_loss(xy[1], xy[0] * theta)
+    >>> mo = mfo.meta_optimizer(
+    ...     loss, loss, mfo.transforms.rmsprop(0.1), optax.adam(0.03),
+    ...     hyperparams_fn=lambda eta: {"learning_rate": jax.nn.sigmoid(eta)})
+    >>> state = mo.init(jnp.log(0.1 / 0.9), jnp.asarray(0.5))
+    >>> xs = jnp.linspace(1.0, 7.0, 7)
+    >>> state, metrics = jax.jit(mo.step)(state, (xs[:6], 10 * xs[:6]), (xs[6], 70.0))
+    >>> sorted(metrics)
+    ['inner_losses', 'meta_grad_norm', 'outer_loss']
+  """
+  resets = reset_inner or init_params_fn is not None
+  if batched_tasks and not resets:
+    raise ValueError(
+      "batched_tasks=True needs every task to start from the same point: pass "
+      "reset_inner=True (start from the params given to init) or "
+      "init_params_fn=... (MAML). Carrying per-task inner states over is not "
+      "supported."
+    )
+  if not isinstance(outer_opt, optax.GradientTransformation):
+    raise TypeError(
+      f"outer_opt must be an optax GradientTransformation, got {type(outer_opt).__name__}."
+    )
+  run = unroll(
+    inner_loss,
+    inner_opt,
+    hyperparams_fn=hyperparams_fn,
+    mode=mode,
+    remat=remat,
+    save_inner_grads=save_inner_grads,
+    return_losses=True,
+    fallback=fallback,
+  )
+  outer_name = getattr(outer_loss, "__name__", repr(outer_loss))
+
+  def init(meta_params, params=None) -> MetaState:
+    _check_meta_params(meta_params)
+    if init_params_fn is not None:
+      if params is not None:
+        raise ValueError(
+          "init_params_fn is given, so the initial params are "
+          "init_params_fn(meta_params): call init(meta_params) without params."
+        )
+      params = init_params_fn(meta_params)
+    elif params is None:
+      raise ValueError("init(meta_params, params): params is required without init_params_fn.")
+    return MetaState(
+      meta_params=meta_params,
+      params=params,
+      inner_state=inner_opt.init(params),
+      outer_state=outer_opt.init(meta_params),
+      count=jnp.zeros([], jnp.int32),
+    )
+
+  def task_loss(meta_params, params, inner_state, inner_batches, outer_batch):
+    if init_params_fn is not None:
+      params = init_params_fn(meta_params)
+      inner_state = inner_opt.init(params)
+    params_T, state_T, losses = run(meta_params, params, inner_state, inner_batches)
+    value = outer_loss(params_T, meta_params, outer_batch)
+    if jnp.shape(value) != ():
+      raise TypeError(
+        f"outer_loss {outer_name!r} must return a scalar, got shape "
+        f"{jnp.shape(value)}. Reduce it (e.g. jnp.mean over the batch)."
+      )
+    return value, (params_T, state_T, losses)
+
+  value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
+
+  def step(state: MetaState, inner_batches, outer_batch):
+    args = (state.meta_params, state.params, state.inner_state)
+    if batched_tasks:
+      (values, (params_T, state_T, losses)), grads = jax.vmap(
+        lambda ib, ob: value_and_grad(*args, ib, ob)
+      )(inner_batches, outer_batch)
+      value = jnp.mean(values)
+      grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+    else:
+      (value, (params_T, state_T, losses)), grads = value_and_grad(
+        *args, inner_batches, outer_batch
+      )
+    updates, outer_state = outer_opt.update(grads, state.outer_state, state.meta_params)
+    meta_params = optax.apply_updates(state.meta_params, updates)
+    if init_params_fn is not None:
+      params = init_params_fn(meta_params)
+      inner_state = inner_opt.init(params)
+    elif reset_inner:
+      params, inner_state = state.params, state.inner_state
+    else:
+      params, inner_state = params_T, state_T
+    metrics = {
+      "outer_loss": value,
+      "inner_losses": losses,
+      "meta_grad_norm": optax.tree.norm(grads),
+    }
+    new_state = MetaState(
+      meta_params=meta_params,
+      params=params,
+      inner_state=inner_state,
+      outer_state=outer_state,
+      count=optax.safe_increment(state.count),
+    )
+    return new_state, metrics
+
+  return MetaOptimizer(init=init, step=step)

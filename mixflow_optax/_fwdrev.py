@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+from mixflow_optax._checks import first_non_float_leaf
+
 __all__ = [
   "ForwardModeError",
   "fwdrev_grad",
@@ -107,15 +109,15 @@ def _check_diff_args(fun: Callable, args: tuple, argnums: tuple[int, ...]) -> No
         f"argnums={argnums} refers to positional argument {i}, but {name!r} "
         f"was called with {len(args)} positional arguments."
       )
-    for path, leaf in jax.tree_util.tree_leaves_with_path(args[i]):
-      if not _is_float(leaf):
-        raise TypeError(
-          f"fwdrev_grad differentiates {name!r} with respect to argument {i}, "
-          f"whose leaf {jax.tree_util.keystr(path) or '<root>'} has dtype "
-          f"{jnp.result_type(leaf)}. Gradients are only defined for floating "
-          "point inputs: cast it to a float dtype, or pass it in another "
-          "argument (integer inputs such as token ids are fine there)."
-        )
+    bad = first_non_float_leaf(args[i])
+    if bad is not None:
+      path, dtype = bad
+      raise TypeError(
+        f"fwdrev_grad differentiates {name!r} with respect to argument {i}, whose "
+        f"leaf {path} has dtype {dtype}. Gradients are only defined for floating "
+        "point inputs: cast it to a float dtype, or pass it in another argument "
+        "(integer inputs such as token ids are fine there)."
+      )
 
 
 def fwdrev_value_and_grad(

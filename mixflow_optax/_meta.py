@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mixflow_optax._checks import first_non_float_leaf
 from mixflow_optax._fwdrev import Fallback
 from mixflow_optax._unroll import Mode, unroll
 
@@ -53,15 +54,15 @@ class MetaOptimizer(NamedTuple):
 
 
 def _check_meta_params(meta_params: Any) -> None:
-  for path, leaf in jax.tree_util.tree_leaves_with_path(meta_params):
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      raise TypeError(
-        f"meta_params leaf {jax.tree_util.keystr(path) or '<root>'} has dtype "
-        f"{jnp.result_type(leaf)}; meta-parameters are learned by gradient descent "
-        "and must be floating point (e.g. jnp.asarray(x, jnp.float32)). Keep "
-        "integer constants out of meta_params (close over them or put them in "
-        "the batches)."
-      )
+  bad = first_non_float_leaf(meta_params)
+  if bad is not None:
+    path, dtype = bad
+    raise TypeError(
+      f"meta_params leaf {path} has dtype {dtype}; meta-parameters are learned by "
+      "gradient descent and must be floating point (e.g. jnp.asarray(x, "
+      "jnp.float32)). Keep integer constants out of meta_params (close over them "
+      "or put them in the batches)."
+    )
 
 
 def meta_optimizer(

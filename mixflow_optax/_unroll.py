@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.ad_checkpoint import checkpoint_name
 
+from mixflow_optax._checks import first_non_float_leaf
 from mixflow_optax._fwdrev import Fallback, fwdrev_value_and_grad
 from mixflow_optax.transforms._base import ReparamTransformation
 
@@ -65,14 +66,14 @@ def _check_leading_axis(inner_batches: Any) -> int:
 
 
 def _check_params(params: Any) -> None:
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      raise TypeError(
-        f"params leaf {jax.tree_util.keystr(path) or '<root>'} has dtype "
-        f"{jnp.result_type(leaf)}; inner parameters must be floating point. "
-        "Move integer state (step counters, token ids, BatchNorm counts) out "
-        "of params, e.g. into the batch or a separate argument."
-      )
+  bad = first_non_float_leaf(params)
+  if bad is not None:
+    path, dtype = bad
+    raise TypeError(
+      f"params leaf {path} has dtype {dtype}; inner parameters must be floating "
+      "point. Move integer state (step counters, token ids, BatchNorm counts) out "
+      "of params, e.g. into the batch or a separate argument."
+    )
 
 
 def unroll(

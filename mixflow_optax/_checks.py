@@ -8,10 +8,14 @@ import jax
 import jax.numpy as jnp
 
 
+def is_float(x: Any) -> bool:
+  """Whether ``x`` (an array or Python number) has an inexact dtype."""
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 def first_non_float_leaf(tree: Any) -> tuple[str, Any] | None:
   """``(path, dtype)`` of the first leaf of ``tree`` that is not floating point, else None."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      return jax.tree_util.keystr(path) or "<root>", dtype
+    if not is_float(leaf):
+      return jax.tree_util.keystr(path) or "<root>", jnp.result_type(leaf)
   return None

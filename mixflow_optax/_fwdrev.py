@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from mixflow_optax._checks import first_non_float_leaf
+from mixflow_optax._checks import first_non_float_leaf, is_float
 
 __all__ = [
   "ForwardModeError",
@@ -45,10 +45,6 @@ Fallback = Literal["raise", "reverse"]
 
 class ForwardModeError(TypeError):
   """The loss contains an operation that JAX cannot differentiate in forward mode."""
-
-
-def _is_float(x: Any) -> bool:
-  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 def _is_forward_mode_failure(err: Exception) -> bool:
@@ -303,7 +299,7 @@ def _make_core(
     arg_offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in values[0]])
     theta_idx = [j for i in argnums for j in range(arg_offsets[i], arg_offsets[i + 1])]
     # Inputs that need a cotangent: perturbed floating-point leaves.
-    diff_idx = [j for j, (x, p) in enumerate(zip(flat, perturbed)) if p and _is_float(x)]
+    diff_idx = [j for j, (x, p) in enumerate(zip(flat, perturbed)) if p and is_float(x)]
     if not diff_idx:
       return (None,)
 
@@ -315,7 +311,7 @@ def _make_core(
     ]
     v_is_zero = v_bar is None or isinstance(v_bar, SymbolicZero)
     aux_leaves = jax.tree.leaves(aux_bar, is_leaf=lambda x: isinstance(x, SymbolicZero))
-    aux_is_zero = all(isinstance(a, SymbolicZero) or not _is_float(a) for a in aux_leaves)
+    aux_is_zero = all(isinstance(a, SymbolicZero) or not is_float(a) for a in aux_leaves)
 
     def loss_of(theta_vals, diff_vals):
       leaves = list(flat)
@@ -378,7 +374,7 @@ def _make_core(
           total = total + v_bar * loss
         if not aux_is_zero:
           for a, b in zip(jax.tree.leaves(aux), aux_leaves):
-            if _is_float(a) and not isinstance(b, SymbolicZero):
+            if is_float(a) and not isinstance(b, SymbolicZero):
               total = total + jnp.sum(a * b)
         return total
 

@@ -19,6 +19,7 @@ __all__ = [
   "resolve_hyperparams",
   "per_leaf",
   "map_leaves",
+  "leaf_results",
 ]
 
 Hyperparams = Mapping[str, Any]
@@ -156,17 +157,20 @@ def per_leaf(name: str, value: Any, updates: Any, owner: str) -> list[Any]:
   return out
 
 
-def map_leaves(
-  fn: Callable[..., Any],
-  updates: Any,
-  *trees_and_hparams: Any,
-) -> Any:
-  """``jax.tree.map`` over ``updates`` and per-leaf lists/pytrees."""
+def leaf_results(fn: Callable[..., Any], updates: Any, *cols: Any) -> list[Any]:
+  """``fn`` applied per leaf of ``updates``, with the matching leaf of each column.
+
+  A column is a per-leaf list (from :func:`per_leaf`) or a pytree with the
+  structure of ``updates`` (e.g. an optimizer moment).
+  """
   leaves, treedef = jax.tree.flatten(updates)
-  cols = []
-  for t in trees_and_hparams:
-    cols.append(t if isinstance(t, list) else treedef.flatten_up_to(t))
-  return jax.tree.unflatten(treedef, [fn(*xs) for xs in zip(leaves, *cols)])
+  cols = [c if isinstance(c, list) else treedef.flatten_up_to(c) for c in cols]
+  return [fn(*xs) for xs in zip(leaves, *cols)]
+
+
+def map_leaves(fn: Callable[..., Any], updates: Any, *cols: Any) -> Any:
+  """``jax.tree.map`` over ``updates`` and per-leaf lists/pytrees."""
+  return jax.tree.unflatten(jax.tree.structure(updates), leaf_results(fn, updates, *cols))
 
 
 def _as_member(t: optax.GradientTransformation):

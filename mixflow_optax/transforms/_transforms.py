@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - older/newer optax layouts
 
 from mixflow_optax.transforms._base import (
   ReparamTransformation,
+  leaf_results,
   map_leaves,
   per_leaf,
   resolve_hyperparams,
@@ -87,12 +88,6 @@ def _owner(name: str) -> str:
 def _unzip(treedef_like: Any, outs: list[tuple], n: int) -> tuple:
   treedef = jax.tree.structure(treedef_like)
   return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(n))
-
-
-def _leaf_outputs(fn: Callable, updates: Any, *cols: Any) -> list[tuple]:
-  leaves, treedef = jax.tree.flatten(updates)
-  cols = [c if isinstance(c, list) else treedef.flatten_up_to(c) for c in cols]
-  return [fn(*xs) for xs in zip(leaves, *cols)]
 
 
 def _bias_correction(moment: jax.Array, decay: Any, count: jax.Array) -> jax.Array:
@@ -212,7 +207,7 @@ def trace(
       u = g + mu * new_t if nesterov else new_t
       return u.astype(g.dtype), new_t.astype(t.dtype if acc_dtype is None else acc_dtype)
 
-    outs = _leaf_outputs(leaf, updates, state.trace, mus)
+    outs = leaf_results(leaf, updates, state.trace, mus)
     new_updates, new_trace = _unzip(updates, outs, 2)
     return new_updates, optax.TraceState(trace=new_trace)
 
@@ -282,7 +277,7 @@ def scale_by_adam(
       u = m_hat / (safe_sqrt(v_hat + eps_root) + eps)
       return u.astype(g.dtype), m.astype(m_dtype), v.astype(v_dtype)
 
-    outs = _leaf_outputs(leaf, updates, state.mu, state.nu, *cols)
+    outs = leaf_results(leaf, updates, state.mu, state.nu, *cols)
     u, mu, nu = _unzip(updates, outs, 3)
     nu = optax.tree.cast_like(nu, state.nu)
     return u, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
@@ -338,7 +333,7 @@ def scale_by_rms(
         s = 1 / (safe_sqrt(v_hat) + eps)
       return (s * g).astype(g.dtype), v.astype(v_dtype)
 
-    u, nu = _unzip(updates, _leaf_outputs(leaf, updates, state.nu, decays, epss), 2)
+    u, nu = _unzip(updates, leaf_results(leaf, updates, state.nu, decays, epss), 2)
     if bias_correction:
       return u, ScaleByRmsWithCountState(count=count_inc, nu=nu)
     return u, optax.ScaleByRmsState(nu=nu)
@@ -392,7 +387,7 @@ def scale_by_stddev(
         s = 1 / (safe_sqrt(v_hat - m_hat**2) + eps)
       return (s * g).astype(g.dtype), m.astype(m_dtype), v.astype(v_dtype)
 
-    outs = _leaf_outputs(leaf, updates, state.mu, state.nu, decays, epss)
+    outs = leaf_results(leaf, updates, state.mu, state.nu, decays, epss)
     u, mu, nu = _unzip(updates, outs, 3)
     if bias_correction:
       return u, ScaleByRStdDevWithCountState(count=count_inc, mu=mu, nu=nu)

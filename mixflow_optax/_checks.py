@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 
 def is_float(x: Any) -> bool:
@@ -19,3 +20,12 @@ def first_non_float_leaf(tree: Any) -> tuple[str, Any] | None:
     if not is_float(leaf):
       return jax.tree_util.keystr(path) or "<root>", jnp.result_type(leaf)
   return None
+
+
+def check_finite_leaves(tree: Any, message: str, **fmt: jax.Array) -> None:
+  """One ``checkify.check`` per leaf, naming the leaf in the message."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not is_float(leaf):
+      continue
+    where = jax.tree_util.keystr(path) or "<root>"
+    checkify.check(jnp.all(jnp.isfinite(leaf)), message.replace("{leaf}", where), **fmt)

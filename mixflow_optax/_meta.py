@@ -15,8 +15,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import checkify
 
-from mixflow_optax._checks import first_non_float_leaf
+from mixflow_optax._checks import check_finite_leaves, first_non_float_leaf
 from mixflow_optax._fwdrev import Fallback
 from mixflow_optax._unroll import Mode, unroll
 
@@ -36,6 +37,8 @@ class MetaState(NamedTuple):
       rules as ``params``).
     outer_state: the outer optimizer's state.
     count: number of meta-steps taken (int32).
+    model_state: the model's non-parameter state (e.g. BatchNorm statistics)
+      with ``has_model_state=True``, else None (same rules as ``params``).
   """
 
   meta_params: Any
@@ -43,6 +46,7 @@ class MetaState(NamedTuple):
   inner_state: optax.OptState
   outer_state: optax.OptState
   count: jax.Array
+  model_state: Any = None
 
 
 class MetaOptimizer(NamedTuple):
@@ -65,9 +69,13 @@ def _check_meta_params(meta_params: Any) -> None:
     )
 
 
+def _is_traced(tree: Any) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
 def meta_optimizer(
-  inner_loss: Callable[[optax.Params, Any, Any], jax.Array],
-  outer_loss: Callable[[optax.Params, Any, Any], jax.Array],
+  inner_loss: Callable[..., Any],
+  outer_loss: Callable[..., jax.Array],
   inner_opt: optax.GradientTransformation,
   outer_opt: optax.GradientTransformation,
   *,
@@ -79,6 +87,8 @@ def meta_optimizer(
   remat: bool = True,
   save_inner_grads: bool = True,
   fallback: Fallback = "raise",
+  has_model_state: bool = False,
+  check_finite: bool = False,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -116,14 +126,28 @@ def meta_optimizer(
       axis; the inner problem is vmapped over tasks and the meta-gradient is
       the mean over tasks (needs ``reset_inner`` or ``init_params_fn``).
     remat, save_inner_grads, fallback: passed to :func:`mixflow_optax.unroll`.
+    has_model_state: the model has non-parameter state updated by its
+      forward pass (BatchNorm statistics). Then ``inner_loss(params,
+      meta_params, batch, model_state) -> (loss, new_model_state)`` and
+      ``outer_loss(params, meta_params, batch, model_state) -> scalar`` (it
+      sees the state after the unroll, e.g. for BatchNorm in evaluation
+      mode); ``init(meta_params, params, model_state)``. The state is
+      carried, reset or re-initialised like ``params``.
+    check_finite: debugging aid for NaN meta-gradients: ``step`` raises
+      ``checkify.JaxRuntimeError`` naming the inner step and the term that
+      first went non-finite (inner loss, gradient, update, model state, or a
+      cotangent in the backward pass; the outer loss; a meta-gradient leaf).
+      ``step`` then compiles itself: call it without ``jax.jit`` (under
+      ``jax.jit`` it must be wrapped in ``checkify.checkify``, whose error
+      you ``.throw()``). Off by default: the checks cost time.
 
   Returns:
     A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
-    params=None)`` (``params`` is required unless ``init_params_fn`` is
-    given). ``step(state, inner_batches, outer_batch) -> (state, metrics)``
-    is pure and jit-able; ``metrics`` has ``outer_loss`` (before the update),
-    ``inner_losses`` (shape ``(T,)``, or ``(tasks, T)``) and
-    ``meta_grad_norm``.
+    params=None, model_state=None)`` (``params`` is required unless
+    ``init_params_fn`` is given). ``step(state, inner_batches, outer_batch)
+    -> (state, metrics)`` is pure and jit-able; ``metrics`` has
+    ``outer_loss`` (before the update), ``inner_losses`` (shape ``(T,)``, or
+    ``(tasks, T)``) and ``meta_grad_norm``.
 
   Examples:
     Learn RMSProp's learning rate online (optax's meta-learning tutorial):
@@ -160,11 +184,23 @@ def meta_optimizer(
     save_inner_grads=save_inner_grads,
     return_losses=True,
     fallback=fallback,
+    has_model_state=has_model_state,
+    check_finite=check_finite,
   )
   outer_name = getattr(outer_loss, "__name__", repr(outer_loss))
 
-  def init(meta_params, params=None) -> MetaState:
+  def init(meta_params, params=None, model_state=None) -> MetaState:
     _check_meta_params(meta_params)
+    if has_model_state and model_state is None:
+      raise ValueError(
+        "meta_optimizer(..., has_model_state=True): call init(meta_params, params, "
+        "model_state) with the model's initial non-parameter state."
+      )
+    if not has_model_state and model_state is not None:
+      raise ValueError(
+        "init() was given a model_state; build the meta-optimizer with "
+        "has_model_state=True so that inner_loss and outer_loss receive it."
+      )
     if init_params_fn is not None:
       if params is not None:
         raise ValueError(
@@ -180,44 +216,66 @@ def meta_optimizer(
       inner_state=inner_opt.init(params),
       outer_state=outer_opt.init(meta_params),
       count=jnp.zeros([], jnp.int32),
+      model_state=model_state,
     )
 
-  def task_loss(meta_params, params, inner_state, inner_batches, outer_batch):
+  def task_loss(meta_params, params, inner_state, model_state, inner_batches, outer_batch):
     if init_params_fn is not None:
       params = init_params_fn(meta_params)
       inner_state = inner_opt.init(params)
-    params_T, state_T, losses = run(meta_params, params, inner_state, inner_batches)
-    value = outer_loss(params_T, meta_params, outer_batch)
+    if has_model_state:
+      params_T, state_T, model_state_T, losses = run(
+        meta_params, params, inner_state, inner_batches, model_state
+      )
+      value = outer_loss(params_T, meta_params, outer_batch, model_state_T)
+    else:
+      params_T, state_T, losses = run(meta_params, params, inner_state, inner_batches)
+      model_state_T = None
+      value = outer_loss(params_T, meta_params, outer_batch)
     if jnp.shape(value) != ():
       raise TypeError(
         f"outer_loss {outer_name!r} must return a scalar, got shape "
         f"{jnp.shape(value)}. Reduce it (e.g. jnp.mean over the batch)."
       )
-    return value, (params_T, state_T, losses)
+    if check_finite:
+      checkify.check(
+        jnp.isfinite(value), "the outer loss is non-finite at the unrolled parameters."
+      )
+    return value, (params_T, state_T, model_state_T, losses)
 
   value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
 
-  def step(state: MetaState, inner_batches, outer_batch):
-    args = (state.meta_params, state.params, state.inner_state)
+  def step_impl(state: MetaState, inner_batches, outer_batch):
+    args = (state.meta_params, state.params, state.inner_state, state.model_state)
     if batched_tasks:
-      (values, (params_T, state_T, losses)), grads = jax.vmap(
+      (values, (params_T, state_T, model_state_T, losses)), grads = jax.vmap(
         lambda ib, ob: value_and_grad(*args, ib, ob)
       )(inner_batches, outer_batch)
       value = jnp.mean(values)
       grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
     else:
-      (value, (params_T, state_T, losses)), grads = value_and_grad(
+      (value, (params_T, state_T, model_state_T, losses)), grads = value_and_grad(
         *args, inner_batches, outer_batch
+      )
+    if check_finite:
+      check_finite_leaves(
+        grads,
+        "the meta-gradient w.r.t. meta_params leaf {leaf} is non-finite although "
+        "every inner step was finite forward and backward: it comes from "
+        "outer_loss's direct dependence on meta_params, or from hyperparams_fn / "
+        "init_params_fn (e.g. a log or sqrt of a non-positive meta-parameter).",
       )
     updates, outer_state = outer_opt.update(grads, state.outer_state, state.meta_params)
     meta_params = optax.apply_updates(state.meta_params, updates)
     if init_params_fn is not None:
       params = init_params_fn(meta_params)
       inner_state = inner_opt.init(params)
+      model_state = state.model_state
     elif reset_inner:
       params, inner_state = state.params, state.inner_state
+      model_state = state.model_state
     else:
-      params, inner_state = params_T, state_T
+      params, inner_state, model_state = params_T, state_T, model_state_T
     metrics = {
       "outer_loss": value,
       "inner_losses": losses,
@@ -229,7 +287,24 @@ def meta_optimizer(
       inner_state=inner_state,
       outer_state=outer_state,
       count=optax.safe_increment(state.count),
+      model_state=model_state,
     )
     return new_state, metrics
+
+  if not check_finite:
+    return MetaOptimizer(init=init, step=step_impl)
+
+  checked_step = checkify.checkify(step_impl)
+  compiled_step = jax.jit(checked_step)
+
+  def step(state: MetaState, inner_batches, outer_batch):
+    if _is_traced((state, inner_batches, outer_batch)):
+      # Under the caller's jit: hand the error to an enclosing checkify.checkify.
+      err, out = checked_step(state, inner_batches, outer_batch)
+      checkify.check_error(err)
+      return out
+    err, out = compiled_step(state, inner_batches, outer_batch)
+    err.throw()
+    return out
 
   return MetaOptimizer(init=init, step=step)

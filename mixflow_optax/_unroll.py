@@ -15,14 +15,16 @@ function of :math:`(\theta_T, s_T)` with respect to :math:`\eta` and
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.ad_checkpoint import checkpoint_name
+from jax.experimental import checkify
 
-from mixflow_optax._checks import first_non_float_leaf
+from mixflow_optax._checks import check_finite_leaves, first_non_float_leaf, is_float
 from mixflow_optax._fwdrev import Fallback, fwdrev_value_and_grad
 from mixflow_optax.transforms._base import ReparamTransformation
 
@@ -76,8 +78,110 @@ def _check_params(params: Any) -> None:
     )
 
 
+# Backward-pass messages of `_watch`, by term.
+_COTANGENT_MESSAGES = {
+  "final": (
+    "the cotangent of the final inner carry (params_T / opt_state_T) leaf {leaf} is "
+    "non-finite: outer_loss's gradient at the unrolled parameters is NaN/inf."
+  ),
+  "grad": (
+    "inner step {t}: the cotangent of the inner gradient g_t (leaf {leaf}) became "
+    "non-finite in the backward pass: the inner optimizer's update is not "
+    "differentiable w.r.t. its gradient input there (e.g. sqrt or division at an "
+    "exactly zero gradient; mfo.transforms handle this, stock optax does not)."
+  ),
+  "carry": (
+    "inner step {t}: the cotangent of the step's input carry (params / opt_state / "
+    "model_state, leaf {leaf}) became non-finite in the backward pass: the "
+    "second-order term of this step (Hessian-vector product of inner_loss, or the "
+    "update's derivative w.r.t. params and optimizer state) produced NaN/inf."
+  ),
+  "meta": (
+    "inner step {t}: this step's contribution to the meta-gradient w.r.t. "
+    "meta_params leaf {leaf} is non-finite: the mixed second derivative of "
+    "inner_loss w.r.t. params and meta_params produced NaN/inf."
+  ),
+  "hyperparams": (
+    "inner step {t}: this step's contribution to the gradient w.r.t. hyperparameter "
+    "{leaf} is non-finite: the inner optimizer's update is not differentiable w.r.t. "
+    "that hyperparameter there (e.g. a non-positive value inside a log or sqrt)."
+  ),
+}
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _watch(x: Any, t: jax.Array, term: str) -> Any:
+  """Identity whose backward pass checks that the cotangent of ``x`` is finite."""
+  del t, term
+  return x
+
+
+def _watch_fwd(x, t, term):
+  del term
+  return x, t
+
+
+def _watch_bwd(term, t, ct):
+  check_finite_leaves(ct, _COTANGENT_MESSAGES[term], t=t)
+  return ct, None
+
+
+_watch.defvjp(_watch_fwd, _watch_bwd)
+
+
+def _finite_flags(tree: Any) -> Any:
+  return jax.tree.map(
+    lambda x: jnp.all(jnp.isfinite(x)) if is_float(x) else jnp.asarray(True), tree
+  )
+
+
+_FORWARD_TERMS = (
+  "the inner loss",
+  "the inner gradient (leaf {leaf})",
+  "the optimizer update (leaf {leaf})",
+  "the new model state (leaf {leaf})",
+)
+
+
+def _check_forward_flags(flags: Any) -> None:
+  """Reports the first inner step, and its first term, that went non-finite.
+
+  The per-step flags are checked after the scan rather than inside it: under
+  differentiation, checks inside a scan body are ordered after those that
+  follow the scan, and the first non-finite value is the informative one.
+  """
+  columns, messages = [], []
+  for term, tree in zip(_FORWARD_TERMS, flags):
+    for path, ok in jax.tree_util.tree_leaves_with_path(tree):
+      columns.append(ok)
+      messages.append(term.replace("{leaf}", jax.tree_util.keystr(path) or "<root>"))
+  bad = ~jnp.stack(columns, axis=1)  # (T, terms)
+  step_bad = jnp.any(bad, axis=1)
+  t = jnp.argmax(step_bad)  # the first step with a non-finite term
+  first_term = jnp.argmax(bad[t])
+  for k, message in enumerate(messages):
+    checkify.check(
+      ~(step_bad[t] & (first_term == k)),
+      f"inner step {{t}}: {message} is non-finite (the first non-finite value of the unroll).",
+      t=t,
+    )
+
+
+def _check_model_state(before: Any, after: Any) -> None:
+  def spec(tree):
+    return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+  if jax.tree.structure(before) != jax.tree.structure(after) or spec(before) != spec(after):
+    raise TypeError(
+      "inner_loss must return (loss, new_model_state) with new_model_state of the "
+      "same tree structure, shapes and dtypes as the model_state it was given "
+      f"(it is carried from step to step). Got {spec(before)} in and "
+      f"{spec(after)} out."
+    )
+
+
 def unroll(
-  inner_loss: Callable[[optax.Params, Any, Any], jax.Array],
+  inner_loss: Callable[..., Any],
   inner_opt: optax.GradientTransformation,
   *,
   hyperparams_fn: Callable[[Any], dict[str, Any]] | None = None,
@@ -87,6 +191,8 @@ def unroll(
   return_losses: bool = False,
   fallback: Fallback = "raise",
   unroll_steps: int = 1,
+  has_model_state: bool = False,
+  check_finite: bool = False,
 ) -> Callable:
   r"""Builds ``run(meta_params, params, opt_state, inner_batches)``: T inner steps.
 
@@ -131,12 +237,30 @@ def unroll(
     fallback: for ``mode="mixflow"``, what to do when the inner loss cannot
       be differentiated in forward mode (see :func:`fwdrev_value_and_grad`).
     unroll_steps: ``unroll`` argument of the ``lax.scan``.
+    has_model_state: the model has non-parameter state that its forward pass
+      updates (BatchNorm statistics, Flax ``nnx.BatchStat``, Linen
+      ``"batch_stats"``). Then ``inner_loss(params, meta_params, batch,
+      model_state) -> (loss, new_model_state)``; the state is carried from
+      step to step next to ``(params, opt_state)``, is not touched by the
+      optimizer, and is differentiated exactly (it depends on the
+      parameters, so the meta-gradient flows through it).
+    check_finite: debugging aid for NaN meta-gradients. Adds
+      ``jax.experimental.checkify`` checks that name the inner step and the
+      term that first went non-finite: forward (inner loss, inner gradient,
+      update, model state) and backward (the cotangents of the inner
+      gradient, of the step's carry, and of each step's contribution to the
+      meta-gradient). ``run`` must then be functionalised with
+      ``checkify.checkify`` (:func:`mixflow_optax.meta_optimizer` with
+      ``check_finite=True`` does it for you). Off by default: the checks cost
+      time.
 
   Returns:
     ``run(meta_params, params, opt_state, inner_batches) -> (params_T,
     opt_state_T)``, or ``(params_T, opt_state_T, losses)`` with
     ``return_losses``. ``inner_batches`` is a pytree whose leaves have a
-    leading axis of length T, the number of inner steps.
+    leading axis of length T, the number of inner steps. With
+    ``has_model_state``: ``run(meta_params, params, opt_state, inner_batches,
+    model_state) -> (params_T, opt_state_T, model_state_T[, losses])``.
 
   Examples:
     Learn a log learning rate of SGD through 3 inner steps:
@@ -173,13 +297,30 @@ def unroll(
     )
 
   if mode == "mixflow":
-    value_and_grad = fwdrev_value_and_grad(inner_loss, fallback=fallback)
+    value_and_grad = fwdrev_value_and_grad(inner_loss, has_aux=has_model_state, fallback=fallback)
   else:
-    value_and_grad = jax.value_and_grad(inner_loss)
 
-  def run(meta_params, params, opt_state, inner_batches):
+    def fresh_inputs_loss(params, *args):
+      # Rebuild the other inputs' pytrees inside the trace (as fwdrev_grad's
+      # custom_vjp does), so that a loss that mutates them in place, e.g. Flax
+      # NNX BatchNorm statistics after nnx.merge, works in every mode.
+      return inner_loss(params, *jax.tree.map(lambda x: x, args))
+
+    value_and_grad = jax.value_and_grad(fresh_inputs_loss, has_aux=has_model_state)
+
+  def run(meta_params, params, opt_state, inner_batches, model_state=None):
     _check_params(params)
-    _check_leading_axis(inner_batches)
+    num_steps = _check_leading_axis(inner_batches)
+    if has_model_state and model_state is None:
+      raise TypeError(
+        "unroll(..., has_model_state=True): call run(meta_params, params, "
+        "opt_state, inner_batches, model_state) with the initial model state."
+      )
+    if not has_model_state and model_state is not None:
+      raise TypeError(
+        "run() was given a model_state, but unroll was built without "
+        "has_model_state=True (inner_loss would not receive it)."
+      )
     hyperparams = None if hyperparams_fn is None else hyperparams_fn(meta_params)
     if hyperparams is not None and not isinstance(hyperparams, dict):
       raise TypeError(
@@ -188,18 +329,36 @@ def unroll(
         f"{sorted(inner_opt.hyperparams)}."
       )
 
-    def step(carry, batch):
-      params, opt_state = carry
-      loss, grads = value_and_grad(params, meta_params, batch)
+    def step(carry, xs):
+      t, batch = xs
+      if check_finite:
+        carry = _watch(carry, t, "carry")
+      params, opt_state, model_state = carry
+      meta, hps = meta_params, hyperparams
+      if check_finite:
+        meta = _watch(meta, t, "meta")
+        hps = None if hps is None else _watch(hps, t, "hyperparams")
+      if has_model_state:
+        (loss, new_model_state), grads = value_and_grad(params, meta, batch, model_state)
+        _check_model_state(model_state, new_model_state)
+        model_state = new_model_state
+      else:
+        loss, grads = value_and_grad(params, meta, batch)
       if mode == "first_order":
         grads = jax.lax.stop_gradient(grads)
+      if check_finite:
+        grads_ok = _finite_flags(grads)
+        grads = _watch(grads, t, "grad")
       grads = checkpoint_name(grads, INNER_GRAD_NAME)
-      if hyperparams is None:
+      if hps is None:
         updates, opt_state = inner_opt.update(grads, opt_state, params)
       else:
-        updates, opt_state = inner_opt.update(grads, opt_state, params, hyperparams=hyperparams)
+        updates, opt_state = inner_opt.update(grads, opt_state, params, hyperparams=hps)
       params = optax.apply_updates(params, updates)
-      return (params, opt_state), loss
+      if check_finite:
+        flags = (_finite_flags(loss), grads_ok, _finite_flags(updates), _finite_flags(model_state))
+        return (params, opt_state, model_state), (loss, flags)
+      return (params, opt_state, model_state), loss
 
     if remat:
       policy = (
@@ -209,11 +368,18 @@ def unroll(
       )
       step = jax.checkpoint(step, policy=policy, prevent_cse=False)
 
-    (params, opt_state), losses = jax.lax.scan(
-      step, (params, opt_state), inner_batches, unroll=unroll_steps
+    steps = jnp.arange(num_steps, dtype=jnp.int32)
+    carry, losses = jax.lax.scan(
+      step, (params, opt_state, model_state), (steps, inner_batches), unroll=unroll_steps
     )
+    if check_finite:
+      losses, flags = losses
+      _check_forward_flags(flags)
+      carry = _watch(carry, jnp.asarray(num_steps, jnp.int32), "final")
+    params, opt_state, model_state = carry
+    out = (params, opt_state, model_state) if has_model_state else (params, opt_state)
     if return_losses:
-      return params, opt_state, losses
-    return params, opt_state
+      return (*out, losses)
+    return out
 
   return run

@@ -9,7 +9,7 @@ r"""The meta-optimizer: one object that owns the inner and the outer optimisatio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -89,6 +89,7 @@ def meta_optimizer(
   fallback: Fallback = "raise",
   has_model_state: bool = False,
   check_finite: bool = False,
+  checkpoint_every: int | Sequence[int] | None = None,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -125,7 +126,9 @@ def meta_optimizer(
     batched_tasks: ``inner_batches`` and ``outer_batch`` have a leading task
       axis; the inner problem is vmapped over tasks and the meta-gradient is
       the mean over tasks (needs ``reset_inner`` or ``init_params_fn``).
-    remat, save_inner_grads, fallback: passed to :func:`mixflow_optax.unroll`.
+    remat, save_inner_grads, fallback, checkpoint_every: passed to
+      :func:`mixflow_optax.unroll` (``checkpoint_every=K`` for long horizons:
+      store the inner carry every K steps only).
     has_model_state: the model has non-parameter state updated by its
       forward pass (BatchNorm statistics). Then ``inner_loss(params,
       meta_params, batch, model_state) -> (loss, new_model_state)`` and
@@ -186,6 +189,7 @@ def meta_optimizer(
     fallback=fallback,
     has_model_state=has_model_state,
     check_finite=check_finite,
+    checkpoint_every=checkpoint_every,
   )
   outer_name = getattr(outer_loss, "__name__", repr(outer_loss))
 

@@ -14,12 +14,13 @@ function of :math:`(\theta_T, s_T)` with respect to :math:`\eta` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import checkify
@@ -167,6 +168,40 @@ def _check_forward_flags(flags: Any) -> None:
     )
 
 
+def _segmented_scan(
+  step: Callable, carry: Any, xs: Any, num_steps: int, levels: tuple[int, ...], unroll: int
+) -> tuple[Any, Any]:
+  """``lax.scan(step, carry, xs)`` with the carry stored only every ``levels[0]`` steps.
+
+  Segments of ``K = levels[0]`` steps are scanned by an outer scan whose body
+  is ``jax.checkpoint``-ed with nothing saved: the backward pass stores one
+  carry per segment and recomputes the segment being differentiated,
+  recursively with ``levels[1:]``. A last, shorter segment takes the
+  remainder when ``K`` does not divide ``num_steps``. Two levels store
+  :math:`T/K + K` carries instead of :math:`T`.
+  """
+  if not levels:
+    return jax.lax.scan(step, carry, xs, unroll=unroll)
+  k, rest = min(levels[0], num_steps), levels[1:]
+  n, r = divmod(num_steps, k)
+
+  def segment(length):
+    def run_segment(carry, seg_xs):
+      return _segmented_scan(step, carry, seg_xs, length, rest, unroll)
+
+    return jax.checkpoint(
+      run_segment, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False
+    )
+
+  head = jax.tree.map(lambda x: x[: n * k].reshape((n, k) + x.shape[1:]), xs)
+  carry, ys = jax.lax.scan(segment(k), carry, head)
+  ys = jax.tree.map(lambda y: y.reshape((n * k,) + y.shape[2:]), ys)
+  if r:
+    carry, tail_ys = segment(r)(carry, jax.tree.map(lambda x: x[n * k :], xs))
+    ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail_ys)
+  return carry, ys
+
+
 def _check_model_state(before: Any, after: Any) -> None:
   def spec(tree):
     return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
@@ -191,6 +226,7 @@ def unroll(
   return_losses: bool = False,
   fallback: Fallback = "raise",
   unroll_steps: int = 1,
+  checkpoint_every: int | Sequence[int] | None = None,
   has_model_state: bool = False,
   check_finite: bool = False,
 ) -> Callable:
@@ -237,6 +273,16 @@ def unroll(
     fallback: for ``mode="mixflow"``, what to do when the inner loss cannot
       be differentiated in forward mode (see :func:`fwdrev_value_and_grad`).
     unroll_steps: ``unroll`` argument of the ``lax.scan``.
+    checkpoint_every: long horizons: store the inner carry ``(params,
+      opt_state)`` only every K steps and recompute each K-step segment in
+      the backward pass (a nested ``lax.scan`` with ``jax.checkpoint``), so
+      the stored carries grow as :math:`T/K + K` instead of :math:`T`;
+      :math:`K \approx \sqrt{T}` gives :math:`O(\sqrt{T})`. T need not be a
+      multiple of K. A tuple ``(K1, K2, ...)`` nests further levels
+      (segments of K1 steps split into segments of K2 steps, ...), storing
+      :math:`T/K_1 + K_1/K_2 + \dots` carries at one more forward
+      recomputation per level. The meta-gradient is unchanged. Default None:
+      one stored carry per step.
     has_model_state: the model has non-parameter state that its forward pass
       updates (BatchNorm statistics, Flax ``nnx.BatchStat``, Linen
       ``"batch_stats"``). Then ``inner_loss(params, meta_params, batch,
@@ -294,6 +340,12 @@ def unroll(
   if not isinstance(inner_opt, optax.GradientTransformation):
     raise TypeError(
       f"inner_opt must be an optax GradientTransformation, got {type(inner_opt).__name__}."
+    )
+
+  levels = () if checkpoint_every is None else tuple(np.atleast_1d(checkpoint_every).tolist())
+  if not all(isinstance(k, int) and k >= 1 for k in levels):
+    raise ValueError(
+      f"checkpoint_every must be a positive int (or a tuple of them), got {checkpoint_every!r}."
     )
 
   if mode == "mixflow":
@@ -369,8 +421,13 @@ def unroll(
       step = jax.checkpoint(step, policy=policy, prevent_cse=False)
 
     steps = jnp.arange(num_steps, dtype=jnp.int32)
-    carry, losses = jax.lax.scan(
-      step, (params, opt_state, model_state), (steps, inner_batches), unroll=unroll_steps
+    carry, losses = _segmented_scan(
+      step,
+      (params, opt_state, model_state),
+      (steps, inner_batches),
+      num_steps,
+      levels,
+      unroll_steps,
     )
     if check_finite:
       losses, flags = losses

@@ -246,10 +246,11 @@ class CheckFiniteTest(parameterized.TestCase):
     chex.assert_trees_all_close(m_checked, m_plain, rtol=1e-13)
     self.assertTrue(bool(jnp.isfinite(m_checked["meta_grad_norm"])))
 
-  def test_non_finite_inner_loss_names_the_step(self):
+  @parameterized.parameters(None, 3)
+  def test_non_finite_inner_loss_names_the_step(self, checkpoint_every):
     w0, (x, y), outer = _zero_feature_problem()
     y = y.at[2, 0].set(jnp.nan)  # a corrupted label in the third inner batch
-    mo = self._mo(mfo.transforms.sgd(0.1))
+    mo = self._mo(mfo.transforms.sgd(0.1), checkpoint_every=checkpoint_every)
     with self.assertRaisesRegex(checkify.JaxRuntimeError, r"inner step 2: the inner loss"):
       mo.step(mo.init(_lin_meta(), w0), (x, y), outer)
 

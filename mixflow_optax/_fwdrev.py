@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
@@ -66,6 +67,40 @@ def _forward_mode_message(fun: Callable, err: Exception) -> str:
     "reverse (exact, but without the memory saving of the inner step); "
     "(3) use mode='standard' in mfo.unroll."
   )
+
+
+def _jaxprs_of(value: Any):
+  if isinstance(value, jax.extend.core.ClosedJaxpr):
+    yield value.jaxpr
+  elif isinstance(value, jax.extend.core.Jaxpr):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _jaxprs_of(v)
+
+
+def _has_staged_custom_vjp_jvp(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "custom_lin":
+      return True
+    for param in eqn.params.values():
+      if any(_has_staged_custom_vjp_jvp(sub) for sub in _jaxprs_of(param)):
+        return True
+  return False
+
+
+def _check_forward_mode_traceable(f: Callable, primals: Any, tangents: Any) -> None:
+  """Raises now if ``jax.jvp(f)`` would fail later.
+
+  Under staging (``lax.scan``, ``jax.checkpoint``, ``jit``), JAX does not
+  raise when forward mode meets a ``custom_vjp`` function: it stages a
+  ``custom_lin`` operation that fails only when the program runs, past any
+  handler here. Tracing the jvp once and looking for it makes the failure
+  (and the fallback) happen at the same place in every context.
+  """
+  jaxpr = jax.make_jaxpr(lambda p, t: jax.jvp(f, (p,), (t,)))(primals, tangents)
+  if _has_staged_custom_vjp_jvp(jaxpr.jaxpr):
+    raise TypeError("can't apply forward-mode autodiff (jvp) to a custom_vjp function.")
 
 
 def _check_scalar_loss(fun: Callable, out: Any, has_aux: bool) -> Any:
@@ -332,6 +367,7 @@ def _make_core(
     ct = [jnp.zeros_like(flat[j]) for j in diff_idx]
     if not g_is_zero:
       try:
+        _check_forward_mode_traceable(full_grad, theta0, g_bar_flat)
         primal, hvp = jax.jvp(full_grad, (theta0,), (g_bar_flat,))
       except Exception as err:  # noqa: BLE001 - re-raised unless forward mode
         if not _is_forward_mode_failure(err):

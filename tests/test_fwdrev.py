@@ -258,6 +258,37 @@ class CustomVjpTest(parameterized.TestCase):
     want = jax.grad(self._meta(_fused_op, jax.grad), argnums=(0, 1))(eta, w)
     chex.assert_trees_all_close(got, want, rtol=1e-12)
 
+  @parameterized.product(remat=(True, False), jit=(True, False))
+  def test_forward_mode_blocker_inside_unroll(self, remat, jit):
+    """Under lax.scan / jax.checkpoint / jit, JAX defers the jvp failure to run
+    time; the rule detects it while tracing, so the error and the fallback
+    behave as they do eagerly."""
+    w, eta = jnp.array([0.3, -0.2]), jnp.array([1.0, 2.0])
+    xs = jnp.ones((3, 2))
+    opt = mfo.transforms.sgd(0.1)
+
+    def inner(w, eta, x):
+      return jnp.sum(eta * _fused_op(w * x))
+
+    def meta_fn(**kw):
+      run = mfo.unroll(inner, opt, remat=remat, **kw)
+
+      def meta(eta, w):
+        p, _ = run(eta, w, opt.init(w), xs)
+        return jnp.sum(p**2)
+
+      g = jax.grad(meta, argnums=(0, 1))
+      return jax.jit(g) if jit else g
+
+    with self.assertRaisesRegex(mfo.ForwardModeError, "custom_vjp"):
+      meta_fn()(eta, w)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      got = meta_fn(fallback="reverse")(eta, w)
+    self.assertTrue(any("reverse-over-reverse" in str(c.message) for c in caught))
+    want = meta_fn(mode="standard")(eta, w)
+    chex.assert_trees_all_close(got, want, rtol=1e-12)
+
 
 if __name__ == "__main__":
   absltest.main()

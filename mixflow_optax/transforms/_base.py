@@ -108,7 +108,15 @@ def resolve_hyperparams(
   return merged
 
 
-def per_leaf(name: str, value: Any, updates: Any, owner: str) -> list[Any]:
+class PerLeaf(list):
+  """One value per leaf of the updates (from :func:`per_leaf`).
+
+  A distinct type, so that :func:`leaf_results` can tell it from a pytree that
+  happens to be a Python list (parameters given as a list of layers).
+  """
+
+
+def per_leaf(name: str, value: Any, updates: Any, owner: str) -> PerLeaf:
   """Expands a hyperparameter to one value per leaf of ``updates``.
 
   A single array (or Python number) applies to every leaf; a pytree with the
@@ -154,17 +162,17 @@ def per_leaf(name: str, value: Any, updates: Any, owner: str) -> list[Any]:
     # (e.g. f32 rates with bf16 params, so b2 = 0.999 does not round to 1) and
     # each transform casts its outputs back to the dtypes of its inputs/state.
     out.append(v)
-  return out
+  return PerLeaf(out)
 
 
 def leaf_results(fn: Callable[..., Any], updates: Any, *cols: Any) -> list[Any]:
   """``fn`` applied per leaf of ``updates``, with the matching leaf of each column.
 
-  A column is a per-leaf list (from :func:`per_leaf`) or a pytree with the
-  structure of ``updates`` (e.g. an optimizer moment).
+  A column is a :class:`PerLeaf` list (from :func:`per_leaf`) or a pytree
+  with the structure of ``updates`` (e.g. an optimizer moment).
   """
   leaves, treedef = jax.tree.flatten(updates)
-  cols = [c if isinstance(c, list) else treedef.flatten_up_to(c) for c in cols]
+  cols = [c if isinstance(c, PerLeaf) else treedef.flatten_up_to(c) for c in cols]
   return [fn(*xs) for xs in zip(leaves, *cols)]
 
 

@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - older/newer optax layouts
 
 
 from mixflow_optax.transforms._base import (
+  PerLeaf,
   ReparamTransformation,
   leaf_results,
   map_leaves,
@@ -431,12 +432,12 @@ def add_decayed_weights(
     hp = resolve_hyperparams(hyperparams, defaults, owner)
     wds = per_leaf("weight_decay", hp["weight_decay"], updates, owner)
     if mask is None:
-      masks = [True] * len(wds)
+      masks = PerLeaf([True] * len(wds))
     else:
       m = mask(params) if callable(mask) else mask
       # A mask may be a prefix of the params tree: broadcast it to every leaf.
       full = jax.tree.map(lambda mk, sub: jax.tree.map(lambda _: mk, sub), m, updates)
-      masks = jax.tree.leaves(full)
+      masks = PerLeaf(jax.tree.leaves(full))
     return map_leaves(
       lambda g, p, wd, mk: (g + wd * p).astype(g.dtype) if mk else g, updates, params, wds, masks
     ), state

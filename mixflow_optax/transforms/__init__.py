@@ -7,6 +7,12 @@ from mixflow_optax.transforms._base import (
   named_chain,
   rename_hyperparams,
 )
+from mixflow_optax.transforms._lopt import (
+  MLPLOptState,
+  init_learned_adam_meta,
+  learned_adam_hyperparams,
+  mlp_lopt,
+)
 from mixflow_optax.transforms._transforms import (
   add_decayed_weights,
   clip_by_global_norm,
@@ -20,12 +26,16 @@ from mixflow_optax.transforms._transforms import (
 )
 
 __all__ = [
+  "MLPLOptState",
   "ReparamTransformation",
   "adam",
   "adamw",
   "add_decayed_weights",
   "chain",
   "clip_by_global_norm",
+  "init_learned_adam_meta",
+  "learned_adam_hyperparams",
+  "mlp_lopt",
   "named_chain",
   "rename_hyperparams",
   "rmsprop",

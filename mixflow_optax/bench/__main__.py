@@ -2,18 +2,20 @@
 
 Examples::
 
-  python -m mixflow_optax.bench                      # mlp T=4, lm T=4,8; 3 reps (~13 min on 2 CPU cores)
-  python -m mixflow_optax.bench --small --reps 1     # smoke run, tiny models
+  python -m mixflow_optax.bench                       # the default suite (~6 min on 2 CPU cores)
+  python -m mixflow_optax.bench --suite tiny          # smoke run of every experiment, tiny models
+  python -m mixflow_optax.bench --experiments tasks,T --reps 5
+  python -m mixflow_optax.bench --experiments frontier --budget-gib 40
   python -m mixflow_optax.bench --models lm --T 8 --compile-only
-  python -m mixflow_optax.bench --methods standard,standard_best,mixflow
-  python -m mixflow_optax.bench --size lm.seq_len=128 --size mlp.batch=1024
+  python -m mixflow_optax.bench --suite grid --tasks maml --models lm-m --T 2,4 --compile-only
+  python -m mixflow_optax.bench --suite full --size lm.seq_len=256
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
+import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -21,17 +23,28 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mixflow_optax.bench._bench import (
-  DEFAULT_CONFIGS,
-  FAST_COMPILE_OPTIONS,
-  METHODS,
+from mixflow_optax.bench._bench import METHODS
+from mixflow_optax.bench._problems import MODELS, TASKS, model_config
+from mixflow_optax.bench._report import (
+  check_targets,
+  format_frontier,
+  format_markdown,
   format_table,
-  run_benchmark,
+  format_targets,
+  plot_results,
+  save_results,
 )
-from mixflow_optax.bench._problems import MODELS
+from mixflow_optax.bench._suite import (
+  EXPERIMENTS,
+  SUITES,
+  grid_suite,
+  make_suite,
+  run_suite,
+  select,
+)
 
 
-def _csv(kind: type, choices: Sequence[str] | None = None):
+def _csv(kind: type, choices: Sequence[str] | None = None, check=None):
   def parse(text: str):
     items = [kind(s.strip()) for s in text.split(",") if s.strip()]
     if not items:
@@ -40,81 +53,141 @@ def _csv(kind: type, choices: Sequence[str] | None = None):
       bad = [s for s in items if s not in choices]
       if bad:
         raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(choices)}")
+    for s in items:
+      if check is not None:
+        try:
+          check(s)
+        except ValueError as e:
+          raise argparse.ArgumentTypeError(str(e)) from None
     return items
 
   return parse
 
 
 def _size(text: str) -> tuple[str, str, int]:
-  """Parses ``MODEL.FIELD=INT`` (e.g. ``lm.seq_len=128``)."""
+  """Parses ``FAMILY.FIELD=INT`` (e.g. ``lm.seq_len=128``)."""
+  import dataclasses
+
   try:
     key, value = text.split("=")
-    model, field = key.split(".")
+    family, field = key.split(".")
     value = int(value)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected MODEL.FIELD=INT, got {text!r}") from None
-  if model not in MODELS:
-    raise argparse.ArgumentTypeError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
-  fields = [f.name for f in dataclasses.fields(MODELS[model][1])]
+    raise argparse.ArgumentTypeError(f"expected FAMILY.FIELD=INT, got {text!r}") from None
+  if family not in MODELS:
+    raise argparse.ArgumentTypeError(
+      f"unknown model family {family!r}; choose from {sorted(MODELS)}"
+    )
+  fields = [f.name for f in dataclasses.fields(MODELS[family][1])]
   if field not in fields:
-    raise argparse.ArgumentTypeError(f"unknown {model} size {field!r}; choose from {fields}")
-  return model, field, value
+    raise argparse.ArgumentTypeError(f"unknown {family} size {field!r}; choose from {fields}")
+  return family, field, value
+
+
+def _model_name(name: str) -> None:
+  if name not in MODELS:
+    model_config(name)  # Raises ValueError with the valid names.
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="mixflow-bench",
     description=(
-      "Memory and wall-clock of exact meta-gradients (loss weighting through T inner Adam "
-      "steps): MixFlow-MG vs the standard jax.grad-through-lax.scan implementations."
+      "Memory and wall-clock of exact meta-gradients through T inner Adam steps "
+      "(learning-rate learning, loss weighting, MAML): MixFlow-MG vs the standard "
+      "jax.grad-through-lax.scan implementations, on an MLP toy and a RoPE transformer "
+      "ladder, with a memory-budget frontier."
     ),
   )
   p.add_argument(
+    "--suite",
+    choices=(*SUITES, "grid"),
+    default="default",
+    help="preset: default (~6 min on 2 CPU cores), full (larger timed models, longer sweeps), "
+    "tiny (a smoke run of every experiment on tiny models); "
+    "grid: every --tasks x --models x --T with --methods, timed",
+  )
+  p.add_argument(
+    "--experiments",
+    type=_csv(str, EXPERIMENTS),
+    default=None,
+    help=f"run only these experiments of the suite ({','.join(EXPERIMENTS)})",
+  )
+  p.add_argument(
+    "--tasks",
+    type=_csv(str, TASKS),
+    default=None,
+    help=f"only these tasks ({','.join(TASKS)}); grid default: loss_weighting",
+  )
+  p.add_argument(
     "--models",
-    type=_csv(str, sorted(MODELS)),
-    default=list(DEFAULT_CONFIGS),
-    help="comma-separated models (default: mlp,lm)",
+    type=_csv(str, check=_model_name),
+    default=None,
+    help="only these models: families (mlp, lm) or names (mlp-M16, lm-xs, lm-s, lm-m, lm-l, "
+    "lm-xl, lm-2xl, lm-3xl); grid default: mlp,lm",
   )
   p.add_argument(
     "--T",
     type=_csv(int),
     default=None,
-    help="comma-separated inner-step counts for every model (default: mlp 4; lm 4,8)",
+    help="only these inner-step counts; grid default: 4",
   )
   p.add_argument(
     "--methods",
     type=_csv(str, METHODS),
-    default=list(METHODS),
-    help=f"comma-separated methods (default: all: {','.join(METHODS)}); "
-    "'standard' is always included as the reference",
+    default=None,
+    help=f"only these methods ({','.join(METHODS)}); 'standard' is always included as "
+    "the reference; grid default: all",
   )
   p.add_argument("--reps", type=int, default=3, help="timed interleaved rounds (default: 3)")
   p.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
   p.add_argument(
     "--compile-only",
     action="store_true",
-    help="only compile and report XLA temp memory (no runs: seconds are null)",
+    help="only compile and report memory (no runs: seconds are null)",
   )
-  p.add_argument("--small", action="store_true", help="tiny model sizes, for a smoke run")
+  p.add_argument(
+    "--budget-gib",
+    type=float,
+    default=16.0,
+    help="memory budget of the frontier search (default: 16)",
+  )
+  p.add_argument("--small", action="store_true", help="tiny model sizes (same as --suite tiny)")
   p.add_argument(
     "--fast-compile",
     action="store_true",
-    help="XLA options that compile several times faster but run slower code "
-    "(smoke runs: memory is representative, timings are not)",
+    help="compile timed programs with XLA options that compile several times faster but run "
+    "slower code (smoke runs: memory is the same, timings are not representative); "
+    "compile-only programs always use them",
   )
   p.add_argument(
     "--size",
     type=_size,
     action="append",
     default=[],
-    metavar="MODEL.FIELD=INT",
-    help="override a model size, e.g. lm.seq_len=128 or mlp.depth=8 (repeatable; "
-    "fields of MLPConfig / LMConfig)",
+    metavar="FAMILY.FIELD=INT",
+    help="override a size of every model of a family, e.g. lm.seq_len=512 or mlp.depth=16 "
+    "(repeatable; fields of MLPConfig / LMConfig)",
+  )
+  p.add_argument(
+    "--jobs",
+    type=int,
+    default=None,
+    help="programs compiled in parallel (default: up to 2); timing never overlaps compiling",
   )
   p.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
   p.add_argument("--x64", action="store_true", help="run in float64 instead of float32")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   return p
+
+
+def _experiment_tables(records, experiments: Sequence[str]) -> str:
+  parts = []
+  for exp in (*experiments, "grid"):
+    recs = [r for r in records if exp in r.get("experiments", ())]
+    if recs:
+      parts.append(f"== {exp} ==\n{format_table(recs)}")
+  return "\n\n".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,29 +196,90 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.reps < 1 and not args.compile_only:
     parser.error("--reps must be >= 1")
-  configs = {m: tuple(args.T) if args.T else DEFAULT_CONFIGS[m] for m in args.models}
   sizes: dict[str, dict[str, int]] = {}
-  for model, field, value in args.size:
-    sizes.setdefault(model, {})[field] = value
-  t0 = time.perf_counter()
-  with jax.enable_x64(args.x64):
-    records = run_benchmark(
-      configs,
-      args.methods,
-      reps=args.reps,
-      compile_only=args.compile_only,
+  for family, field, value in args.size:
+    sizes.setdefault(family, {})[field] = value
+  if args.suite == "grid":
+    suite = grid_suite(
+      args.tasks or ("loss_weighting",),
+      args.models or ("mlp", "lm"),
+      args.T or (4,),
+      args.methods or METHODS,
       small=args.small,
-      out=args.out,
+    )
+    suite = select(suite, compile_only=args.compile_only, sizes=sizes)
+  else:
+    name = "tiny" if args.small else args.suite
+    suite = make_suite(name, budget_gib=args.budget_gib)
+    suite = select(
+      suite,
+      tasks=args.tasks,
+      models=args.models,
+      Ts=args.T,
+      methods=args.methods,
+      experiments=args.experiments,
+      compile_only=args.compile_only,
+      sizes=sizes,
+    )
+  if not suite.points and suite.frontier is None:
+    parser.error("no configuration of the suite is left after --tasks/--models/--T/--methods")
+
+  t0 = time.perf_counter()
+  meta = {
+    "command": " ".join(
+      ["python -m mixflow_optax.bench", *(sys.argv[1:] if argv is None else argv)]
+    ),
+    "suite": suite.name,
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "device": jax.devices()[0].device_kind,
+    "cpu_count": os.cpu_count(),
+    "machine": platform.machine(),
+    "python": platform.python_version(),
+    "dtype": "float64" if args.x64 else "float32",
+    "reps": args.reps,
+  }
+
+  def save(phase, records, frontier):
+    # Partial results survive an interrupted or failed run.
+    save_results(records, args.out, frontier, {**meta, "phase": phase})
+
+  with jax.enable_x64(args.x64):
+    result = run_suite(
+      suite,
+      reps=args.reps,
       seed=args.seed,
       dtype=jnp.float64 if args.x64 else jnp.float32,
+      fast_compile=args.fast_compile,
+      jobs=args.jobs,
       progress=not args.no_progress,
-      sizes=sizes,
-      compiler_options=FAST_COMPILE_OPTIONS if args.fast_compile else None,
+      on_phase=save,
     )
-  print(format_table(records))
+  meta["seconds"] = round(time.perf_counter() - t0, 1)
+  meta["phase_seconds"] = {k: round(v, 1) for k, v in result.phase_seconds.items()}
+  meta["phase"] = "done"
+  targets = check_targets(result.records)
+  meta["targets"] = targets
+  save_results(result.records, args.out, result.frontier, meta)
+  text = _experiment_tables(result.records, EXPERIMENTS)
+  if result.frontier:
+    text += "\n\n== frontier ==\n" + format_frontier(result.frontier)
+  text += "\n\n== targets (mixflow = library defaults) ==\n" + format_targets(targets)
+  text += (
+    f"\n\n{meta['backend']} ({meta['device']}, {meta['cpu_count']} cores), JAX {meta['jax']}, "
+    f"{meta['dtype']}; suite {suite.name}; total {meta['seconds']:.0f} s ("
+    + ", ".join(f"{k} {v:.0f} s" for k, v in meta["phase_seconds"].items())
+    + ")"
+  )
+  with open(os.path.join(args.out, "table.txt"), "w") as f:
+    f.write(text + "\n")
+  with open(os.path.join(args.out, "summary.md"), "w") as f:
+    f.write(format_markdown(result.records, result.frontier, targets))
+  plots = plot_results(result.records, args.out, result.frontier)
+  print(text)
   print(
-    f"\n{jax.default_backend()} ({jax.devices()[0].device_kind}); "
-    f"total {time.perf_counter() - t0:.1f} s; results in {os.path.join(args.out, 'results.json')}"
+    f"results in {os.path.join(args.out, 'results.json')}; table.txt, summary.md, "
+    f"frontier.json, run.json and {len(plots)} plots in {args.out}"
   )
   return 0
 

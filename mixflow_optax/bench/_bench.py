@@ -1,12 +1,12 @@
 r"""Meta-gradient methods and their measurement (memory, time, agreement).
 
-Every method computes the same exact meta-gradient of the outer loss after T
-inner Adam steps, with respect to the meta-parameters :math:`\eta` and the
-initial parameters :math:`\theta_0`:
+Every method computes the meta-gradient of the outer loss after T inner Adam
+steps with respect to the meta-parameters :math:`\eta` (see
+:mod:`mixflow_optax.bench._problems` for the tasks):
 
 .. math::
 
-  \Big(\frac{dV(\theta_T)}{d\eta}, \frac{dV(\theta_T)}{d\theta_0}\Big), \qquad
+  \frac{dV(\theta_T)}{d\eta}, \qquad
   \theta_{t+1} = \theta_t + \mathrm{Adam}(\nabla_\theta L(\theta_t, \eta, x_t)).
 
 They differ only in how it is computed:
@@ -21,20 +21,30 @@ They differ only in how it is computed:
   rematerialisation and saved inner gradients, still reverse-over-reverse.
 - ``"standard_remat_nosave"``: per-step ``jax.checkpoint`` that saves nothing
   (the recompute redoes the inner gradient).
-- ``"mixflow"``: :func:`mixflow_optax.unroll` with ``mode="mixflow"`` and the
-  library defaults (per-step remat, saved inner gradients): the second-order
-  terms forward-over-reverse.
+- ``"mixflow"``: :func:`mixflow_optax.unroll` with its defaults (per-step
+  remat, saved inner gradients): the second-order terms forward-over-reverse.
 - ``"mixflow_noremat"``: the same with ``remat=False``.
 - ``"mixflow_remat_nosave"``: the same with ``save_inner_grads=False``.
+- ``"first_order"``: :func:`mixflow_optax.unroll` with
+  ``mode="first_order"``: the inner gradients are constants. An
+  *approximation* (first-order MAML), the cheap baseline users compare with;
+  its ``rel_err`` says how far it is from the exact meta-gradient.
 
-Measurements, per method (see :func:`bench_problem`):
+Measurements of one compiled program (see :func:`compile_method`):
 
-- ``temp_mib``: XLA's compiled temporary buffer size
-  (``compiled.memory_analysis().temp_size_in_bytes``), deterministic and
-  available without running.
+- ``temp_mib``: XLA's compiled temporary buffers
+  (``memory_analysis().temp_size_in_bytes``), deterministic and available
+  without running; ``arg_mib``, ``out_mib``: its arguments and outputs;
+  ``total_mib = temp + arguments + outputs - aliased``: what a device needs
+  to run it.
 - ``seconds``: median wall-clock seconds of one meta-gradient, with all
   methods compiled and warmed up first and the repetitions interleaved
   (round r runs every method once, in the same order).
+- ``peak_mib``: on a GPU or TPU, the runtime peak of the device allocator
+  (``device.memory_stats()["peak_bytes_in_use"]``) during the method's first
+  call, above what was in use before it; ``None`` on a CPU (no allocator
+  statistics) and when the call did not raise the process-wide peak (then the
+  allocator cannot tell it).
 - ``rel_err``: the normwise relative difference of its meta-gradient from
   ``"standard"``'s, :math:`\max_\text{leaves} \|a - b\|_\infty /
   \|b\|_\infty`.
@@ -47,11 +57,9 @@ References:
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -61,18 +69,16 @@ import optax
 from jax.ad_checkpoint import checkpoint_name
 
 import mixflow_optax as mfo
-from mixflow_optax.bench._problems import Problem, make_problem
+from mixflow_optax.bench._problems import Problem
 
 __all__ = [
   "METHODS",
-  "DEFAULT_CONFIGS",
+  "CORE_METHODS",
   "FAST_COMPILE_OPTIONS",
   "make_meta_grad",
+  "compile_method",
+  "time_methods",
   "bench_problem",
-  "run_benchmark",
-  "format_table",
-  "save_results",
-  "plot_results",
 ]
 
 #: All methods, in the order they are run (the reference ``"standard"`` first).
@@ -83,35 +89,46 @@ METHODS: tuple[str, ...] = (
   "mixflow_noremat",
   "mixflow_remat_nosave",
   "standard_remat_nosave",
+  "first_order",
 )
 
-#: The default benchmark: model -> inner-step counts T.
-DEFAULT_CONFIGS: dict[str, tuple[int, ...]] = {"mlp": (4,), "lm": (4, 8)}
+#: The three methods every configuration of the suite measures.
+CORE_METHODS: tuple[str, ...] = ("standard", "standard_best", "mixflow")
 
-#: XLA options for smoke runs and tests: they cut CPU compile time several-fold
-#: (no LLVM optimisation, legacy fusion emitters) at the cost of slower code.
-#: Temp memory is almost unchanged, but timings are not representative.
+#: XLA options that cut CPU compile time several-fold (no LLVM optimisation,
+#: legacy fusion emitters) at the cost of slower code. The memory analysis is
+#: the same to within 0.1% (0.1 MiB of thousands in the default suite), so the
+#: suite compiles its compile-only configurations with them; timed programs
+#: use XLA's defaults unless ``--fast-compile``.
 FAST_COMPILE_OPTIONS: dict[str, Any] = {
   "xla_backend_optimization_level": 0,
   "xla_cpu_use_fusion_emitters": False,
 }
 
-_REFERENCE = "standard"
-_BEST_STANDARD = "standard_best"
+REFERENCE = "standard"
+BEST_STANDARD = "standard_best"
 # Name of the inner gradients in the hand-written standard baselines.
 _GRAD_NAME = "inner_grad"
+_MIB = 2**20
 
-MetaGradFn = Callable[[jax.Array, Any, Any, Any], tuple[jax.Array, Any]]
+MetaGradFn = Callable[[Any, Any, Any, Any], Any]
+
+
+def _initial_params(problem: Problem, meta_params: Any, params: Any) -> Any:
+  return meta_params if problem.task == "maml" else params
 
 
 def _standard_meta_loss(problem: Problem, remat: str | None) -> Callable:
   """The meta-loss a user writes with stock optax (``remat``: None, "save_grads", "nothing")."""
-  opt = optax.adam(problem.learning_rate)
 
-  def meta_loss(meta_params, params0, inner_batches, outer_batch):
+  def meta_loss(meta_params, params, inner_batches, outer_batch):
+    hyperparams = problem.hyperparams_fn(meta_params) if problem.hyperparams_fn else {}
+    opt = optax.adam(**{"learning_rate": problem.learning_rate, **hyperparams})
+    inner_meta = {} if problem.task == "maml" else meta_params
+
     def step(carry, batch):
       params, opt_state = carry
-      grads = jax.grad(problem.inner_loss)(params, meta_params, batch)
+      grads = jax.grad(problem.inner_loss)(params, inner_meta, batch)
       if remat == "save_grads":
         grads = checkpoint_name(grads, _GRAD_NAME)
       updates, opt_state = opt.update(grads, opt_state, params)
@@ -124,19 +141,24 @@ def _standard_meta_loss(problem: Problem, remat: str | None) -> Callable:
       step = jax.checkpoint(
         step, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False
       )
+    params0 = _initial_params(problem, meta_params, params)
     (params, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), inner_batches)
     return problem.outer_loss(params, outer_batch)
 
   return meta_loss
 
 
-def _mixflow_meta_loss(problem: Problem, **unroll_kwargs: Any) -> Callable:
-  """The meta-loss written with :func:`mixflow_optax.unroll` (``mode="mixflow"``)."""
+def _unroll_meta_loss(problem: Problem, **unroll_kwargs: Any) -> Callable:
+  """The meta-loss written with :func:`mixflow_optax.unroll`."""
   opt = mfo.transforms.adam(problem.learning_rate)
-  run = mfo.unroll(problem.inner_loss, opt, mode="mixflow", **unroll_kwargs)
+  run = mfo.unroll(problem.inner_loss, opt, hyperparams_fn=problem.hyperparams_fn, **unroll_kwargs)
 
-  def meta_loss(meta_params, params0, inner_batches, outer_batch):
-    params, _ = run(meta_params, params0, opt.init(params0), inner_batches)
+  def meta_loss(meta_params, params, inner_batches, outer_batch):
+    params0 = _initial_params(problem, meta_params, params)
+    # For MAML the inner loss does not see the meta-parameters: pass none, so
+    # that the inner-gradient rule has no cotangent to compute for them.
+    inner_meta = {} if problem.task == "maml" else meta_params
+    params, _ = run(inner_meta, params0, opt.init(params0), inner_batches)
     return problem.outer_loss(params, outer_batch)
 
   return meta_loss
@@ -147,10 +169,21 @@ _META_LOSSES: dict[str, Callable[[Problem], Callable]] = {
   "standard_best": lambda p: _standard_meta_loss(p, remat="save_grads"),
   "standard_remat_nosave": lambda p: _standard_meta_loss(p, remat="nothing"),
   # Library defaults: remat and save_inner_grads are deliberately not passed.
-  "mixflow": lambda p: _mixflow_meta_loss(p),
-  "mixflow_noremat": lambda p: _mixflow_meta_loss(p, remat=False),
-  "mixflow_remat_nosave": lambda p: _mixflow_meta_loss(p, remat=True, save_inner_grads=False),
+  "mixflow": lambda p: _unroll_meta_loss(p, mode="mixflow"),
+  "mixflow_noremat": lambda p: _unroll_meta_loss(p, mode="mixflow", remat=False),
+  "mixflow_remat_nosave": lambda p: _unroll_meta_loss(
+    p, mode="mixflow", remat=True, save_inner_grads=False
+  ),
+  "first_order": lambda p: _unroll_meta_loss(p, mode="first_order"),
 }
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+  """``methods`` with the reference ``"standard"`` first; raises on unknown names."""
+  for m in methods:
+    if m not in _META_LOSSES:
+      raise ValueError(f"unknown method {m!r}; choose from {list(METHODS)}.")
+  return list(dict.fromkeys([REFERENCE, *methods]))
 
 
 def make_meta_grad(problem: Problem, method: str) -> MetaGradFn:
@@ -161,25 +194,42 @@ def make_meta_grad(problem: Problem, method: str) -> MetaGradFn:
     method: one of :data:`METHODS`.
 
   Returns:
-    ``f(meta_params, params0, inner_batches, outer_batch) -> (d meta_params,
-    d params0)``, jitted. The data are arguments rather than closed-over
-    constants, so that they are not baked into the compiled program.
+    ``f(meta_params, params, inner_batches, outer_batch) -> d meta_params``,
+    jitted. The data are arguments rather than closed-over constants, so that
+    they are not baked into the compiled program.
 
   Examples:
     >>> from mixflow_optax.bench import make_problem
     >>> p = make_problem("mlp", T=2, small=True)
     >>> f = make_meta_grad(p, "mixflow")
-    >>> d_meta, d_params = f(p.meta_params, p.params, p.inner_batches, p.outer_batch)
-    >>> d_meta.shape
-    (2, 16)
+    >>> f(*p.args).shape
+    (2, 64)
   """
-  if method not in _META_LOSSES:
-    raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}.")
-  return jax.jit(jax.grad(_META_LOSSES[method](problem), argnums=(0, 1)))
+  check_methods([method])
+  return jax.jit(jax.grad(_META_LOSSES[method](problem)))
 
 
-def _args(problem: Problem) -> tuple[Any, ...]:
-  return (problem.meta_params, problem.params, problem.inner_batches, problem.outer_batch)
+def compile_method(
+  problem: Problem, method: str, compiler_options: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, Any]]:
+  """Lowers and compiles ``method`` on ``problem`` (which may be abstract).
+
+  Returns:
+    ``(compiled, info)``: the executable and its memory analysis (``temp_mib,
+    arg_mib, out_mib, alias_mib, total_mib``, ``None`` where the backend has
+    none) and ``compile_s``, the seconds to trace, lower and compile.
+  """
+  t0 = time.perf_counter()
+  compiled = make_meta_grad(problem, method).lower(*problem.args).compile(compiler_options)
+  info: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
+  stats = compiled.memory_analysis()
+  fields = {"temp": "temp", "arg": "argument", "out": "output", "alias": "alias"}
+  for key, name in fields.items():
+    size = None if stats is None else getattr(stats, f"{name}_size_in_bytes", None)
+    info[f"{key}_mib"] = None if size is None else size / _MIB
+  parts = [info["temp_mib"], info["arg_mib"], info["out_mib"]]
+  info["total_mib"] = None if None in parts else sum(parts) - (info["alias_mib"] or 0.0)
+  return compiled, info
 
 
 def _rel_err(a: Any, b: Any) -> float:
@@ -193,253 +243,196 @@ def _rel_err(a: Any, b: Any) -> float:
   return max(errs) if errs else 0.0
 
 
+def _grad_norm(tree: Any) -> float:
+  return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+
+
+def _allocator_stats() -> dict[str, int] | None:
+  """Memory statistics of the first device, or ``None`` (CPU: no allocator statistics)."""
+  if jax.default_backend() == "cpu":
+    return None
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # Some runtimes do not implement it.
+    return None
+  if not stats or "peak_bytes_in_use" not in stats or "bytes_in_use" not in stats:
+    return None
+  return stats
+
+
+def time_methods(
+  compiled: dict[str, Any],
+  args: Sequence[Any],
+  *,
+  reps: int,
+  order: Sequence[str] | None = None,
+  on_progress: Callable[[str], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+  """Warms up and times compiled meta-gradients of one problem.
+
+  Each method runs once first (its meta-gradient is checked against
+  ``"standard"``, and on a GPU/TPU its allocator peak read), then ``reps``
+  interleaved rounds run every method once; the median is reported.
+
+  Args:
+    compiled: method -> compiled executable; must include ``"standard"``.
+    args: the problem's arguments.
+    reps: timed rounds (>= 1).
+    order: the warm-up order; ascending compiled memory makes each first call
+      likely to raise the allocator's process-wide peak, which is when its
+      own peak can be read.
+    on_progress: called with a short status string before each phase.
+
+  Returns:
+    method -> ``{seconds, rel_err, meta_grad_norm, peak_mib}``.
+  """
+  say = on_progress or (lambda _: None)
+  out: dict[str, dict[str, Any]] = {m: {} for m in compiled}
+  grads = {}
+  for m in order or compiled:
+    say(f"warm-up {m}")
+    before = _allocator_stats()
+    grads[m] = jax.block_until_ready(compiled[m](*args))
+    after = _allocator_stats()
+    peak = None
+    if before is not None and after is not None:
+      if after["peak_bytes_in_use"] > before["peak_bytes_in_use"]:
+        peak = (after["peak_bytes_in_use"] - before["bytes_in_use"]) / _MIB
+    out[m]["peak_mib"] = peak
+  for m in compiled:
+    out[m]["rel_err"] = _rel_err(grads[m], grads[REFERENCE])
+    out[m]["meta_grad_norm"] = _grad_norm(grads[m])
+  del grads
+  times: dict[str, list[float]] = {m: [] for m in compiled}
+  for r in range(reps):
+    say(f"round {r + 1}/{reps}")
+    for m in compiled:
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled[m](*args))
+      times[m].append(time.perf_counter() - t0)
+  for m, ts in times.items():
+    out[m]["seconds"] = statistics.median(ts)
+  return out
+
+
 def _ratio(num: float | None, den: float | None) -> float | None:
   if num is None or den is None or den == 0:
     return None
   return num / den
 
 
+def add_ratios(records: list[dict[str, Any]]) -> None:
+  """Adds memory and time ratios against ``"standard"`` and ``"standard_best"`` (in place).
+
+  Records are grouped by configuration (everything but the method). Memory
+  ratios are ``reference / method`` on ``temp_mib`` and ``total_mib`` (> 1:
+  the method uses less); time ratios are ``method / reference`` (< 1:
+  faster) and ``pct_faster = 100 (1 - time_ratio)``, the wall-clock saved.
+  """
+  groups: dict[tuple, dict[str, dict[str, Any]]] = {}
+  for r in records:
+    groups.setdefault(config_key(r), {})[r["method"]] = r
+  for group in groups.values():
+    for r in group.values():
+      for ref in (REFERENCE, BEST_STANDARD):
+        base = group.get(ref, {})
+        r[f"mem_ratio_vs_{ref}"] = _ratio(base.get("temp_mib"), r["temp_mib"])
+        r[f"total_ratio_vs_{ref}"] = _ratio(base.get("total_mib"), r["total_mib"])
+        tr = _ratio(r["seconds"], base.get("seconds"))
+        r[f"time_ratio_vs_{ref}"] = tr
+        r[f"pct_faster_vs_{ref}"] = None if tr is None else 100.0 * (1.0 - tr)
+
+
+def config_key(record: dict[str, Any]) -> tuple:
+  """What identifies a configuration: task, model, sizes, T and dtype (not the method)."""
+  cfg = tuple(sorted((k, v) for k, v in record["config"].items()))
+  return (record["task"], record["model"], record["T"], record["dtype"], cfg)
+
+
+def make_record(
+  problem: Problem, method: str, info: dict[str, Any], *, compile_only: bool, reps: int
+) -> dict[str, Any]:
+  """One result record (ratios are added by :func:`add_ratios`)."""
+  leaf = jax.tree.leaves(problem.params if problem.params is not None else problem.meta_params)[0]
+  return {
+    "task": problem.task,
+    "model": problem.model,
+    "family": problem.family,
+    "T": problem.T,
+    "method": method,
+    "batch": problem.config["batch"],
+    "seq_len": problem.config.get("seq_len"),
+    "M": problem.config.get("M"),
+    "n_params": problem.config["n_params"],
+    "compile_only": compile_only,
+    "temp_mib": info.get("temp_mib"),
+    "arg_mib": info.get("arg_mib"),
+    "out_mib": info.get("out_mib"),
+    "total_mib": info.get("total_mib"),
+    "peak_mib": info.get("peak_mib"),
+    "seconds": info.get("seconds"),
+    "compile_s": info.get("compile_s"),
+    "rel_err": info.get("rel_err"),
+    "meta_grad_norm": info.get("meta_grad_norm"),
+    "reps": 0 if compile_only else reps,
+    "dtype": str(jnp.dtype(leaf.dtype)),
+    "backend": jax.default_backend(),
+    "config": dict(problem.config),
+  }
+
+
 def bench_problem(
   problem: Problem,
-  methods: Sequence[str] = METHODS,
+  methods: Sequence[str] = CORE_METHODS,
   *,
   reps: int = 3,
   compile_only: bool = False,
   compiler_options: dict[str, Any] | None = None,
   on_progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-  """Measures every method's meta-gradient of ``problem``.
+  """Measures every method's meta-gradient of one problem.
 
-  Compiles all methods first (recording temp memory), then, unless
-  ``compile_only``, runs each once as a warm-up (checking its meta-gradient
-  against ``"standard"``), then ``reps`` interleaved rounds, and takes each
-  method's median time.
+  Compiles all methods (recording their memory), then, unless
+  ``compile_only``, warms each up and times ``reps`` interleaved rounds
+  (:func:`time_methods`).
 
   Args:
-    problem: the problem.
+    problem: the problem (abstract problems need ``compile_only``).
     methods: methods to measure; ``"standard"`` is added first if missing
       (it is the reference of every ratio and of the agreement check).
     reps: timed rounds.
     compile_only: only compile: ``seconds`` and ``rel_err`` are ``None``.
     compiler_options: XLA options for ``compile`` (e.g.
-      :data:`FAST_COMPILE_OPTIONS` for smoke runs); ``None``: XLA's defaults.
+      :data:`FAST_COMPILE_OPTIONS`); ``None``: XLA's defaults.
     on_progress: called with a short status string before each phase.
 
   Returns:
-    One record (dict) per method: ``task, model, T, method, temp_mib,
-    seconds, compile_s, mem_ratio_vs_standard, mem_ratio_vs_standard_best,
-    time_ratio_vs_standard, time_ratio_vs_standard_best,
-    pct_faster_vs_standard, pct_faster_vs_standard_best, rel_err,
-    meta_grad_max`` (the largest ``|d meta_params|``, a sanity check that the
-    meta-gradient is not trivially zero); ``compile_s`` is the seconds to
-    trace, lower and compile. Plus the sizes (``config``),
-    ``reps``, ``dtype`` and ``backend``. Memory ratios are
-    ``reference_temp / method_temp`` (> 1: the method uses less); time ratios
-    are ``method_seconds / reference_seconds`` (< 1: faster);
-    ``pct_faster = 100 * (1 - time_ratio)``, the wall-clock time saved.
+    One record (dict) per method, with the ratios of :func:`add_ratios`.
+
+  Examples:
+    >>> from mixflow_optax.bench import make_problem
+    >>> p = make_problem("mlp", T=2, small=True)
+    >>> recs = bench_problem(p, compile_only=True, compiler_options=FAST_COMPILE_OPTIONS)
+    >>> [r["method"] for r in recs]
+    ['standard', 'standard_best', 'mixflow']
+    >>> recs[2]["mem_ratio_vs_standard"] > 1
+    True
   """
-  methods = list(dict.fromkeys([_REFERENCE, *methods]))
-  for m in methods:
-    if m not in _META_LOSSES:
-      raise ValueError(f"unknown method {m!r}; choose from {list(METHODS)}.")
+  methods = check_methods(methods)
   if reps < 1 and not compile_only:
     raise ValueError(f"reps must be >= 1, got {reps}.")
   say = on_progress or (lambda _: None)
-  args = _args(problem)
-
-  compiled, temp, compile_s = {}, {}, {}
+  compiled, infos = {}, {}
   for m in methods:
     say(f"compile {m}")
-    t0 = time.perf_counter()
-    c = make_meta_grad(problem, m).lower(*args).compile(compiler_options)
-    compile_s[m] = time.perf_counter() - t0
-    stats = c.memory_analysis()
-    temp[m] = None if stats is None else stats.temp_size_in_bytes / 2**20
-    compiled[m] = c
-
-  seconds: dict[str, float | None] = dict.fromkeys(methods)
-  rel_err: dict[str, float | None] = dict.fromkeys(methods)
-  grad_max: dict[str, float | None] = dict.fromkeys(methods)
+    compiled[m], infos[m] = compile_method(problem, m, compiler_options)
   if not compile_only:
-    grads = {}
+    order = sorted(methods, key=lambda m: infos[m]["total_mib"] or 0.0)
+    timed = time_methods(compiled, problem.args, reps=reps, order=order, on_progress=say)
     for m in methods:
-      say(f"warm-up {m}")
-      grads[m] = jax.block_until_ready(compiled[m](*args))
-    for m in methods:
-      rel_err[m] = _rel_err(grads[m], grads[_REFERENCE])
-      grad_max[m] = float(np.max(np.abs(np.asarray(grads[m][0], np.float64))))
-    del grads
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for r in range(reps):
-      say(f"round {r + 1}/{reps}")
-      for m in methods:
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled[m](*args))
-        times[m].append(time.perf_counter() - t0)
-    seconds = {m: statistics.median(ts) for m, ts in times.items()}
-
-  best = _BEST_STANDARD if _BEST_STANDARD in methods else None
-  records = []
-  for m in methods:
-    rec: dict[str, Any] = {
-      "task": problem.task,
-      "model": problem.name,
-      "T": problem.T,
-      "method": m,
-      "temp_mib": temp[m],
-      "seconds": seconds[m],
-      "compile_s": compile_s[m],
-      "mem_ratio_vs_standard": _ratio(temp[_REFERENCE], temp[m]),
-      "mem_ratio_vs_standard_best": _ratio(temp[best], temp[m]) if best else None,
-      "time_ratio_vs_standard": _ratio(seconds[m], seconds[_REFERENCE]),
-      "time_ratio_vs_standard_best": _ratio(seconds[m], seconds[best]) if best else None,
-    }
-    for ref in ("standard", "standard_best"):
-      tr = rec[f"time_ratio_vs_{ref}"]
-      rec[f"pct_faster_vs_{ref}"] = None if tr is None else 100.0 * (1.0 - tr)
-    rec["rel_err"] = rel_err[m]
-    rec["meta_grad_max"] = grad_max[m]
-    rec["reps"] = 0 if compile_only else reps
-    rec["dtype"] = str(jnp.result_type(problem.meta_params))
-    rec["backend"] = jax.default_backend()
-    rec["config"] = dict(problem.config)
-    records.append(rec)
-  return records
-
-
-def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
-  return "-" if x is None else format(x, spec) + suffix
-
-
-def format_table(records: Iterable[dict[str, Any]]) -> str:
-  """A fixed-width text table of benchmark records (one row per method)."""
-  cols = [
-    ("task", 14, lambda r: r["task"]),
-    ("model", 5, lambda r: r["model"]),
-    ("T", 3, lambda r: str(r["T"])),
-    ("method", 21, lambda r: r["method"]),
-    ("temp MiB", 10, lambda r: _fmt(r["temp_mib"], ".2f")),
-    ("median s", 9, lambda r: _fmt(r["seconds"], ".4f")),
-    ("mem/std", 8, lambda r: _fmt(r["mem_ratio_vs_standard"], ".2f", "x")),
-    ("mem/best", 8, lambda r: _fmt(r["mem_ratio_vs_standard_best"], ".2f", "x")),
-    ("t/std", 6, lambda r: _fmt(r["time_ratio_vs_standard"], ".2f")),
-    ("t/best", 6, lambda r: _fmt(r["time_ratio_vs_standard_best"], ".2f")),
-    ("%fast/std", 9, lambda r: _fmt(r["pct_faster_vs_standard"], "+.0f")),
-    ("%fast/best", 10, lambda r: _fmt(r["pct_faster_vs_standard_best"], "+.0f")),
-    ("rel err", 8, lambda r: _fmt(r["rel_err"], ".1e")),
+      infos[m].update(timed[m])
+  records = [
+    make_record(problem, m, infos[m], compile_only=compile_only, reps=reps) for m in methods
   ]
-  lines = [" ".join(f"{name:>{w}}" for name, w, _ in cols)]
-  lines.append(" ".join("-" * w for _, w, _ in cols))
-  for r in records:
-    lines.append(" ".join(f"{get(r):>{w}}" for _, w, get in cols))
-  return "\n".join(lines)
-
-
-def save_results(records: Sequence[dict[str, Any]], out: str | os.PathLike) -> str:
-  """Writes ``records`` to ``<out>/results.json``; returns its path."""
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, "results.json")
-  with open(path, "w") as f:
-    json.dump(list(records), f, indent=2)
-  return path
-
-
-def plot_results(records: Sequence[dict[str, Any]], out: str | os.PathLike) -> str | None:
-  """Bar plots of temp memory and median time per method, one row per (model, T).
-
-  Writes ``<out>/results.png`` and returns its path, or ``None`` (without
-  failing) if matplotlib is not installed.
-  """
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    return None
-  configs = list(dict.fromkeys((r["model"], r["T"]) for r in records))
-  if not configs:
-    return None
-  fig, axes = plt.subplots(len(configs), 2, figsize=(12, 3.2 * len(configs)), squeeze=False)
-  for row, (model, T) in enumerate(configs):
-    recs = [r for r in records if (r["model"], r["T"]) == (model, T)]
-    names = [r["method"] for r in recs]
-    colors = ["tab:blue" if n.startswith("mixflow") else "tab:gray" for n in names]
-    for col, (key, label) in enumerate(
-      [("temp_mib", "temp memory (MiB)"), ("seconds", "median time (s)")]
-    ):
-      ax = axes[row][col]
-      vals = [r[key] for r in recs]
-      if all(v is None for v in vals):
-        ax.text(0.5, 0.5, "not measured (compile-only)", ha="center", va="center")
-        ax.set_axis_off()
-        continue
-      ax.barh(names, [0.0 if v is None else v for v in vals], color=colors)
-      ax.invert_yaxis()
-      ax.set_xlabel(label)
-      ax.set_title(f"{model}, T={T}: {label}")
-  fig.tight_layout()
-  os.makedirs(out, exist_ok=True)
-  path = os.path.join(out, "results.png")
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
-
-
-def run_benchmark(
-  configs: dict[str, Sequence[int]] | None = None,
-  methods: Sequence[str] = METHODS,
-  *,
-  reps: int = 3,
-  compile_only: bool = False,
-  small: bool = False,
-  out: str | os.PathLike | None = None,
-  seed: int = 0,
-  dtype: Any = jnp.float32,
-  progress: bool = True,
-  sizes: dict[str, dict[str, int]] | None = None,
-  compiler_options: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-  """Runs :func:`bench_problem` over (model, T) configurations.
-
-  Args:
-    configs: model name -> inner-step counts; :data:`DEFAULT_CONFIGS` if None.
-    methods: methods to measure (see :data:`METHODS`).
-    reps: timed rounds per configuration.
-    compile_only: only compile and report memory (``seconds`` is ``None``).
-    small: tiny model sizes, for smoke runs and tests.
-    out: if given, write ``results.json`` (and ``results.png``) there.
-    seed: PRNG seed of every problem.
-    dtype: floating dtype of every problem.
-    progress: show a tqdm progress bar over configurations.
-    sizes: per-model size overrides, e.g. ``{"lm": {"seq_len": 64}}``.
-    compiler_options: XLA compile options (see :func:`bench_problem`).
-
-  Returns:
-    All records, configuration by configuration.
-  """
-  from tqdm.auto import tqdm
-
-  configs = DEFAULT_CONFIGS if configs is None else configs
-  sizes = sizes or {}
-  todo = [(model, T) for model, Ts in configs.items() for T in Ts]
-  records: list[dict[str, Any]] = []
-  bar = tqdm(todo, desc="mixflow-bench", unit="config", disable=not progress)
-  for model, T in bar:
-    bar.set_postfix_str(f"{model} T={T}")
-    problem = make_problem(model, T, small=small, seed=seed, dtype=dtype, **sizes.get(model, {}))
-    records += bench_problem(
-      problem,
-      methods,
-      reps=reps,
-      compile_only=compile_only,
-      compiler_options=compiler_options,
-      on_progress=lambda s, model=model, T=T: bar.set_postfix_str(f"{model} T={T}: {s}"),
-    )
-    if out is not None:  # Keep partial results if a later configuration fails.
-      save_results(records, out)
-  bar.close()
-  if out is not None:
-    save_results(records, out)
-    plot_results(records, out)
+  add_ratios(records)
   return records

@@ -1,35 +1,51 @@
-r"""Benchmark problems: learned loss weights through T inner Adam steps.
+r"""Benchmark problems: three meta-learning tasks on an inner loop of T Adam steps.
 
-Each problem is a bilevel loss-weighting task (one of the paper's benchmark
-tasks). The meta-parameters :math:`\eta \in \mathbb{R}^{T \times B}` are one
-logit per inner training example (MLP) or per inner training sequence (LM):
+Every problem is a bilevel problem
 
 .. math::
 
-  L(\theta_t, \eta, x_t) = \frac{1}{B} \sum_{i=1}^{B}
-    \sigma(\eta_{t,i})\, \ell_i(\theta_t, x_t), \qquad
-  V(\theta_T, x_{val}) = \frac{1}{B} \sum_{i=1}^{B} \ell_i(\theta_T, x_{val}),
+  \theta_{t+1} = \theta_t + \mathrm{Adam}\big(\nabla_\theta L(\theta_t, \eta, x_t);
+    \text{lr}(\eta)\big), \qquad
+  \text{meta-loss} = V(\theta_T, x_{val}),
 
-with the inner parameters trained by Adam for T steps. Step ``t`` picks its
-row of :math:`\eta` through an integer ``"step"`` leaf of its batch, so that
-the whole :math:`\eta` is a single meta-parameter array shared by all steps.
+whose meta-gradient :math:`dV/d\eta` the benchmark measures. The tasks are
+those of the paper's benchmarks:
 
-Two models:
+- ``"learning_rate"`` (hyperparameter learning): :math:`\eta = \log` of
+  Adam's learning rate, :math:`\text{lr}(\eta) = e^\eta`; the inner loss does
+  not depend on :math:`\eta`.
+- ``"loss_weighting"``: :math:`\eta \in \mathbb{R}^{T \times B}`, one logit per
+  inner training example (MLP) or sequence (LM), inside the inner loss:
+  :math:`L = \frac1B \sum_i \sigma(\eta_{t,i})\,\ell_i(\theta_t, x_t)`. Step
+  ``t`` picks its row through an integer ``"step"`` leaf of its batch.
+- ``"maml"``: :math:`\eta = \theta_0`, the initial parameters.
 
-- ``"mlp"``: a deep tanh MLP (16 layers of width 64, batch 4096) regressing
-  random targets: the toy of the paper, whose per-step activations dwarf its
-  parameters.
-- ``"lm"``: a small pre-RMSNorm causal transformer language model with rotary
-  position embeddings (RoPE), next-token cross-entropy on synthetic token ids.
+The outer loss :math:`V` is the unweighted mean loss on a held-out batch.
 
-Both are pure functional JAX (parameters are dicts of arrays), so they jit,
-scan and differentiate in every mode without wrappers. All shapes broadcast
-explicitly (the test suite runs with ``jax_numpy_rank_promotion="raise"``).
+Two model families:
+
+- ``"mlp"``: the paper's toy, a deep tanh MLP regressing random targets,
+  whose per-step work size ``M`` scales the batch (``batch = 128 M``) at a
+  fixed parameter count, so the per-step activations grow with ``M`` and the
+  static memory (parameters, optimizer state) does not. Named ``"mlp-M<M>"``.
+- ``"lm"``: pre-RMSNorm causal transformer language models with rotary
+  position embeddings (RoPE) and next-token cross-entropy on synthetic token
+  ids, in a small Chinchilla-style ladder (:data:`LM_LADDER`:
+  ``"lm-xs"`` ... ``"lm-3xl"``, 0.13M to 0.57B parameters).
+
+Everything is pure functional JAX (parameters are dicts of arrays), so it
+jits, scans and differentiates in every mode. Shapes broadcast explicitly (the
+test suite runs with ``jax_numpy_rank_promotion="raise"``). A problem can be
+built ``abstract``: its arrays are then ``jax.ShapeDtypeStruct`` s, enough to
+compile and read the memory analysis of configurations too large to allocate.
 
 References:
   Kemaev et al., `Scalable Meta-Learning via Mixed-Mode Differentiation
-  <https://arxiv.org/abs/2505.00793>`_, ICML 2025 (Section 5: loss weighting
-  of transformer LMs with RoPE, and the MLP toy).
+  <https://arxiv.org/abs/2505.00793>`_, ICML 2025 (Section 5: learning-rate
+  learning, MAML and loss weighting of Chinchilla-style transformer LMs with
+  RoPE; the toy problem with per-step size M).
+  Hoffmann et al., `Training Compute-Optimal Large Language Models
+  <https://arxiv.org/abs/2203.15556>`_, 2022 (the Chinchilla family).
   Su et al., `RoFormer: Enhanced Transformer with Rotary Position Embedding
   <https://arxiv.org/abs/2104.09864>`_, 2021.
 """
@@ -38,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -46,49 +63,128 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+  "TASKS",
   "MLPConfig",
   "LMConfig",
+  "LM_LADDER",
+  "MLP_BASE_BATCH",
   "Problem",
   "MODELS",
+  "model_config",
   "make_problem",
   "mlp_problem",
   "lm_problem",
 ]
 
-#: The task every problem here solves (recorded in the benchmark results).
-TASK = "loss_weighting"
+#: The meta-learning tasks.
+TASKS: tuple[str, ...] = ("learning_rate", "loss_weighting", "maml")
+
+#: Inner Adam learning rate (the initial one, for ``"learning_rate"``).
+LEARNING_RATE = 1e-3
+
+#: Examples per inner step of the MLP toy at work size ``M = 1``.
+MLP_BASE_BATCH = 128
 
 
 class Problem(NamedTuple):
-  """A meta-learning problem: everything a meta-gradient method needs.
+  r"""A meta-learning problem: everything a meta-gradient method needs.
 
   Attributes:
-    name: model name (``"mlp"`` or ``"lm"``).
-    task: the meta-learning task (``"loss_weighting"``).
+    task: one of :data:`TASKS`.
+    model: the model's name (``"lm-s"``, ``"mlp-M16"``, ...).
+    family: ``"mlp"`` or ``"lm"``.
     T: number of inner steps.
-    params: initial inner parameters :math:`\\theta_0` (a dict of arrays).
-    meta_params: meta-parameters :math:`\\eta`, shape ``(T, B)`` (zeros:
-      every example starts with weight :math:`\\sigma(0) = 1/2`).
-    inner_batches: pytree of arrays with leading axis ``T``; it includes an
-      int32 ``"step"`` leaf ``arange(T)``.
+    meta_params: the meta-parameters :math:`\eta` (the initial parameters
+      for ``"maml"``); the meta-gradient is taken with respect to them.
+    params: the initial inner parameters :math:`\theta_0` (a dict of arrays),
+      or ``None`` for ``"maml"``, where they are ``meta_params``.
+    inner_batches: pytree of arrays with leading axis ``T``.
     outer_batch: the held-out batch of the outer loss.
     inner_loss: ``inner_loss(params, meta_params, batch) -> scalar``.
     outer_loss: ``outer_loss(params, batch) -> scalar``.
-    learning_rate: the inner Adam learning rate.
-    config: the model's sizes (a dict, recorded in the results).
+    hyperparams_fn: ``hyperparams_fn(meta_params) -> {"learning_rate": ...}``
+      for ``"learning_rate"``, else ``None``.
+    learning_rate: the inner Adam learning rate when it is not learned.
+    config: the model's sizes and parameter count (recorded in the results).
   """
 
-  name: str
   task: str
+  model: str
+  family: str
   T: int
+  meta_params: Any
   params: Any
-  meta_params: jax.Array
   inner_batches: Any
   outer_batch: Any
-  inner_loss: Callable[[Any, jax.Array, Any], jax.Array]
+  inner_loss: Callable[[Any, Any, Any], jax.Array]
   outer_loss: Callable[[Any, Any], jax.Array]
+  hyperparams_fn: Callable[[Any], dict[str, Any]] | None
   learning_rate: float
   config: dict[str, Any]
+
+  @property
+  def args(self) -> tuple[Any, ...]:
+    """The meta-gradient's arguments: ``(meta_params, params, inner_batches, outer_batch)``."""
+    return (self.meta_params, self.params, self.inner_batches, self.outer_batch)
+
+
+# ------------------------------------------------------------ array descriptions
+# Problems are described as trees of array specifications, then either
+# materialised with NumPy (seeded ``np.random.default_rng``: unlike eager
+# ``jax.random`` calls this compiles nothing, which keeps tests fast) or turned
+# into ``jax.ShapeDtypeStruct`` s for compile-only measurements of
+# configurations too large to allocate.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Normal:
+  shape: tuple[int, ...]
+  std: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Full:
+  shape: tuple[int, ...]
+  value: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ints:
+  """Uniform integers in ``[0, high)``, or ``arange(shape[0])`` if ``high`` is None."""
+
+  shape: tuple[int, ...]
+  high: int | None
+
+
+_Spec = _Normal | _Full | _Ints
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, _Normal | _Full | _Ints)
+
+
+def _build(tree: Any, rng: np.random.Generator, dtype: Any, abstract: bool) -> Any:
+  """Materialises a tree of specifications (in leaf order, so seeds are reproducible)."""
+
+  def leaf(spec: _Spec):
+    is_int = isinstance(spec, _Ints)
+    if abstract:
+      return jax.ShapeDtypeStruct(spec.shape, jnp.int32 if is_int else dtype)
+    if isinstance(spec, _Normal):
+      x = rng.standard_normal(spec.shape) * spec.std
+    elif isinstance(spec, _Full):
+      x = np.full(spec.shape, spec.value)
+    elif spec.high is None:
+      x = np.arange(spec.shape[0], dtype=np.int32)
+    else:
+      x = rng.integers(0, spec.high, spec.shape, dtype=np.int32)
+    return jnp.asarray(x, jnp.int32 if is_int else dtype)
+
+  return jax.tree.map(leaf, tree, is_leaf=_is_spec)
+
+
+def _count(tree: Any) -> int:
+  return int(sum(math.prod(s.shape) for s in jax.tree.leaves(tree, is_leaf=_is_spec)))
 
 
 def _step_weights(meta_params: jax.Array, step: jax.Array) -> jax.Array:
@@ -96,22 +192,74 @@ def _step_weights(meta_params: jax.Array, step: jax.Array) -> jax.Array:
   return jax.nn.sigmoid(jax.lax.dynamic_index_in_dim(meta_params, step, axis=0, keepdims=False))
 
 
-def _count(tree: Any) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))
+def _make_task(
+  task: str,
+  *,
+  model: str,
+  family: str,
+  T: int,
+  batch: int,
+  param_specs: Any,
+  inner_data: Any,
+  outer_data: Any,
+  per_example_loss: Callable[[Any, Any], jax.Array],
+  config: dict[str, Any],
+  seed: int,
+  dtype: Any,
+  abstract: bool,
+) -> Problem:
+  """Wraps a model (parameters, data, per-example loss) into a task's :class:`Problem`."""
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}.")
+  rng = np.random.default_rng(seed)
+  params = _build(param_specs, rng, dtype, abstract)
+  inner_batches = _build(inner_data, rng, dtype, abstract)
+  outer_batch = _build(outer_data, rng, dtype, abstract)
+  hyperparams_fn = None
 
+  def outer_loss(params, batch):
+    return jnp.mean(per_example_loss(params, batch))
 
-def _to_jax(tree: Any, dtype: Any) -> Any:
-  """NumPy tree -> JAX arrays; floating leaves cast to ``dtype``.
+  if task == "loss_weighting":
+    # Zeros: every example starts with weight sigmoid(0) = 1/2.
+    meta_params = _build(_Full((T, batch), 0.0), rng, dtype, abstract)
+    inner_batches = {**inner_batches, "step": _build(_Ints((T,), None), rng, dtype, abstract)}
 
-  Problems are generated with NumPy (seeded ``np.random.default_rng``):
-  unlike eager ``jax.random`` calls, this compiles nothing, which keeps
-  building a problem instant in tests.
-  """
+    def inner_loss(params, meta_params, batch):
+      w = _step_weights(meta_params, batch["step"])
+      return jnp.mean(w * per_example_loss(params, batch))
 
-  def leaf(x):
-    return jnp.asarray(x, dtype) if np.issubdtype(x.dtype, np.floating) else jnp.asarray(x)
+  else:
 
-  return jax.tree.map(leaf, tree)
+    def inner_loss(params, meta_params, batch):
+      del meta_params  # Learned through the optimizer (lr) or the start (MAML).
+      return outer_loss(params, batch)
+
+    if task == "learning_rate":
+      meta_params = {"log_lr": _build(_Full((), math.log(LEARNING_RATE)), rng, dtype, abstract)}
+
+      def hyperparams_fn(meta_params):
+        return {"learning_rate": jnp.exp(meta_params["log_lr"])}
+
+    else:  # maml: the meta-parameters are the initial parameters.
+      meta_params, params = params, None
+
+  config = {**config, "n_params": _count(param_specs)}
+  return Problem(
+    task=task,
+    model=model,
+    family=family,
+    T=T,
+    meta_params=meta_params,
+    params=params,
+    inner_batches=inner_batches,
+    outer_batch=outer_batch,
+    inner_loss=inner_loss,
+    outer_loss=outer_loss,
+    hyperparams_fn=hyperparams_fn,
+    learning_rate=LEARNING_RATE,
+    config=config,
+  )
 
 
 # --------------------------------------------------------------------------- MLP
@@ -125,13 +273,14 @@ class MLPConfig:
     width: input and hidden width.
     depth: number of tanh layers (``width x width``), followed by a linear
       readout to ``out_dim``.
-    batch: examples per inner step (and in the held-out batch).
+    batch: examples per inner step (and in the held-out batch); the work size
+      ``M`` of the paper's toy is ``batch / 128``.
     out_dim: regression target dimension.
   """
 
   width: int = 64
-  depth: int = 16
-  batch: int = 4096
+  depth: int = 8
+  batch: int = 16 * MLP_BASE_BATCH
   out_dim: int = 1
 
   @classmethod
@@ -149,17 +298,16 @@ def mlp_apply(params: dict[str, Any], x: jax.Array) -> jax.Array:
   def layer(h, p):
     return jnp.tanh(_dense(h, p)), None
 
-  # The hidden layers are stacked on a leading axis and scanned over, as
-  # deep models usually are in JAX: compile time does not grow with depth.
+  # The hidden layers are stacked on a leading axis and scanned over, as deep
+  # models usually are in JAX: compile time does not grow with depth.
   h, _ = jax.lax.scan(layer, x, params["hidden"])
   return _dense(h, params["readout"])
 
 
-def _mlp_init(rng: np.random.Generator, cfg: MLPConfig) -> dict[str, Any]:
+def _mlp_specs(cfg: MLPConfig) -> dict[str, Any]:
   def layer(n_in, n_out, lead=()):
     # LeCun-normal, so that the signal neither explodes nor dies through tanh.
-    w = rng.standard_normal((*lead, n_in, n_out)) / math.sqrt(n_in)
-    return {"w": w, "b": np.zeros((*lead, n_out))}
+    return {"w": _Normal((*lead, n_in, n_out), 1 / math.sqrt(n_in)), "b": _Full((*lead, n_out), 0)}
 
   return {
     "hidden": layer(cfg.width, cfg.width, lead=(cfg.depth,)),
@@ -171,69 +319,54 @@ def mlp_problem(
   T: int = 4,
   cfg: MLPConfig | None = None,
   *,
+  task: str = "loss_weighting",
   seed: int = 0,
-  learning_rate: float = 1e-3,
   dtype: Any = jnp.float32,
+  abstract: bool = False,
+  name: str | None = None,
 ) -> Problem:
-  """The MLP toy: per-example loss weights for regression to random targets.
-
-  Inner loss: :math:`\\frac1B\\sum_i \\sigma(\\eta_{t,i})\\,\\|f_\\theta(x_i) -
-  y_i\\|^2`; outer loss: the unweighted mean squared error on a held-out batch.
+  """The MLP toy: regression to random targets, per-example squared error.
 
   Args:
     T: number of inner steps.
     cfg: sizes; :class:`MLPConfig` defaults if ``None``.
+    task: one of :data:`TASKS`.
     seed: PRNG seed of the parameters and the data.
-    learning_rate: inner Adam learning rate.
     dtype: floating dtype of parameters, data and meta-parameters.
+    abstract: ``jax.ShapeDtypeStruct`` s instead of arrays (compile-only).
+    name: the model's name in the results (default ``"mlp-M<batch/128>"``).
 
   Returns:
     A :class:`Problem`.
   """
   cfg = cfg or MLPConfig()
-  rng = np.random.default_rng(seed)
-  params = _to_jax(_mlp_init(rng, cfg), dtype)
-  inner_batches = _to_jax(
-    {
-      "x": rng.standard_normal((T, cfg.batch, cfg.width)),
-      "y": rng.standard_normal((T, cfg.batch, cfg.out_dim)),
-      "step": np.arange(T, dtype=np.int32),
-    },
-    dtype,
-  )
-  outer_batch = _to_jax(
-    {
-      "x": rng.standard_normal((cfg.batch, cfg.width)),
-      "y": rng.standard_normal((cfg.batch, cfg.out_dim)),
-    },
-    dtype,
-  )
 
-  def per_example_error(params, batch):
+  def per_example_loss(params, batch):
     return jnp.sum((mlp_apply(params, batch["x"]) - batch["y"]) ** 2, axis=-1)
 
-  def inner_loss(params, meta_params, batch):
-    w = _step_weights(meta_params, batch["step"])
-    return jnp.mean(w * per_example_error(params, batch))
+  def data(*lead):
+    return {"x": _Normal((*lead, cfg.batch, cfg.width)), "y": _Normal((*lead, cfg.batch, 1))}
 
-  def outer_loss(params, batch):
-    return jnp.mean(per_example_error(params, batch))
-
-  config = dataclasses.asdict(cfg)
-  config["n_params"] = _count(params)
-  return Problem(
-    name="mlp",
-    task=TASK,
+  config = {**dataclasses.asdict(cfg), "seq_len": None, "M": cfg.batch / MLP_BASE_BATCH}
+  return _make_task(
+    task,
+    model=name or _mlp_name(cfg.batch),
+    family="mlp",
     T=T,
-    params=params,
-    meta_params=_to_jax(np.zeros((T, cfg.batch)), dtype),
-    inner_batches=inner_batches,
-    outer_batch=outer_batch,
-    inner_loss=inner_loss,
-    outer_loss=outer_loss,
-    learning_rate=learning_rate,
+    batch=cfg.batch,
+    param_specs=_mlp_specs(cfg),
+    inner_data=data(T),
+    outer_data=data(),
+    per_example_loss=per_example_loss,
     config=config,
+    seed=seed,
+    dtype=dtype,
+    abstract=abstract,
   )
+
+
+def _mlp_name(batch: int, base: int = MLP_BASE_BATCH) -> str:
+  return f"mlp-M{batch // base}" if batch % base == 0 else f"mlp-B{batch}"
 
 
 # ---------------------------------------------------------------------------- LM
@@ -272,6 +405,25 @@ class LMConfig:
         f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
         "into an even head dimension (RoPE rotates pairs of features)."
       )
+
+
+def _lm(d: int, layers: int, heads: int) -> LMConfig:
+  return LMConfig(d_model=d, n_layers=layers, d_ff=4 * d, n_heads=heads)
+
+
+#: The transformer ladder: Chinchilla-style shapes (``d_ff = 4 d_model``,
+#: depth and width grown together), scaled down to run on a CPU at the small
+#: end. All share ``vocab=512, batch=8, seq_len=256``; parameter counts (tied
+#: embeddings): xs 0.13M, s 0.85M, m 4.9M, l 25M, xl 85M, 2xl 0.20B, 3xl 0.57B.
+LM_LADDER: dict[str, LMConfig] = {
+  "lm-xs": _lm(64, 2, 2),
+  "lm-s": _lm(128, 4, 4),
+  "lm-m": _lm(256, 6, 4),
+  "lm-l": _lm(512, 8, 8),
+  "lm-xl": _lm(768, 12, 12),
+  "lm-2xl": _lm(1024, 16, 16),
+  "lm-3xl": _lm(1536, 20, 16),
+}
 
 
 def _rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
@@ -327,23 +479,23 @@ def lm_apply(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Ar
   return x @ params["embed"].T
 
 
-def _lm_init(rng: np.random.Generator, cfg: LMConfig) -> dict[str, Any]:
+def _lm_specs(cfg: LMConfig) -> dict[str, Any]:
   d, f, n = cfg.d_model, cfg.d_ff, cfg.n_layers
-
-  def normal(shape, fan_in):
-    return rng.standard_normal(shape) / math.sqrt(fan_in)
-
   layers = {  # Stacked over layers: leading axis n_layers.
-    "norm_attn": np.ones((n, d)),
-    "wq": normal((n, d, d), d),
-    "wk": normal((n, d, d), d),
-    "wv": normal((n, d, d), d),
-    "wo": normal((n, d, d), d * n),
-    "norm_ff": np.ones((n, d)),
-    "w_in": normal((n, d, f), d),
-    "w_out": normal((n, f, d), f * n),
+    "norm_attn": _Full((n, d), 1.0),
+    "wq": _Normal((n, d, d), 1 / math.sqrt(d)),
+    "wk": _Normal((n, d, d), 1 / math.sqrt(d)),
+    "wv": _Normal((n, d, d), 1 / math.sqrt(d)),
+    "wo": _Normal((n, d, d), 1 / math.sqrt(d * n)),
+    "norm_ff": _Full((n, d), 1.0),
+    "w_in": _Normal((n, d, f), 1 / math.sqrt(d)),
+    "w_out": _Normal((n, f, d), 1 / math.sqrt(f * n)),
   }
-  return {"embed": normal((cfg.vocab, d), d), "layers": layers, "norm_final": np.ones((d,))}
+  return {
+    "embed": _Normal((cfg.vocab, d), 1 / math.sqrt(d)),
+    "layers": layers,
+    "norm_final": _Full((d,), 1.0),
+  }
 
 
 def _token_ce(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:
@@ -358,89 +510,114 @@ def lm_problem(
   T: int = 4,
   cfg: LMConfig | None = None,
   *,
+  task: str = "loss_weighting",
   seed: int = 0,
-  learning_rate: float = 1e-3,
   dtype: Any = jnp.float32,
+  abstract: bool = False,
+  name: str = "lm",
 ) -> Problem:
-  """The transformer LM: per-sequence loss weights for next-token prediction.
+  """The transformer LM: next-token prediction on uniformly random token ids.
 
-  Inner loss: :math:`\\frac1B\\sum_i \\sigma(\\eta_{t,i})\\,\\mathrm{CE}_i`
-  with :math:`\\mathrm{CE}_i` the token-mean cross-entropy of sequence i;
-  outer loss: the plain cross-entropy of a held-out batch. Tokens are
-  uniformly random ids from a seeded NumPy generator (no downloads).
+  Per-example losses are the token-mean cross-entropies of the sequences.
 
   Args:
     T: number of inner steps.
     cfg: sizes; :class:`LMConfig` defaults if ``None``.
+    task: one of :data:`TASKS`.
     seed: PRNG seed of the parameters and the tokens.
-    learning_rate: inner Adam learning rate.
     dtype: floating dtype of parameters and meta-parameters.
+    abstract: ``jax.ShapeDtypeStruct`` s instead of arrays (compile-only).
+    name: the model's name in the results.
 
   Returns:
     A :class:`Problem`.
   """
   cfg = cfg or LMConfig()
-  rng = np.random.default_rng(seed)
-  params = _to_jax(_lm_init(rng, cfg), dtype)
-  shape = (cfg.batch, cfg.seq_len + 1)
-  inner_batches = _to_jax(
-    {
-      "tokens": rng.integers(0, cfg.vocab, (T, *shape), dtype=np.int32),
-      "step": np.arange(T, dtype=np.int32),
-    },
-    dtype,
-  )
-  outer_batch = _to_jax({"tokens": rng.integers(0, cfg.vocab, shape, dtype=np.int32)}, dtype)
 
-  def inner_loss(params, meta_params, batch):
-    w = _step_weights(meta_params, batch["step"])
-    return jnp.mean(w * _token_ce(params, batch["tokens"], cfg))
+  def per_example_loss(params, batch):
+    return _token_ce(params, batch["tokens"], cfg)
 
-  def outer_loss(params, batch):
-    return jnp.mean(_token_ce(params, batch["tokens"], cfg))
+  def data(*lead):
+    return {"tokens": _Ints((*lead, cfg.batch, cfg.seq_len + 1), cfg.vocab)}
 
-  config = dataclasses.asdict(cfg)
-  config["n_params"] = _count(params)
-  return Problem(
-    name="lm",
-    task=TASK,
+  return _make_task(
+    task,
+    model=name,
+    family="lm",
     T=T,
-    params=params,
-    meta_params=_to_jax(np.zeros((T, cfg.batch)), dtype),
-    inner_batches=inner_batches,
-    outer_batch=outer_batch,
-    inner_loss=inner_loss,
-    outer_loss=outer_loss,
-    learning_rate=learning_rate,
-    config=config,
+    batch=cfg.batch,
+    param_specs=_lm_specs(cfg),
+    inner_data=data(T),
+    outer_data=data(),
+    per_example_loss=per_example_loss,
+    config={**dataclasses.asdict(cfg), "M": None},
+    seed=seed,
+    dtype=dtype,
+    abstract=abstract,
   )
 
 
-#: Problem constructors by model name.
+#: Problem constructors and size classes by model family.
 MODELS: dict[str, tuple[Callable[..., Problem], type]] = {
   "mlp": (mlp_problem, MLPConfig),
   "lm": (lm_problem, LMConfig),
 }
 
 
+def model_config(model: str, *, small: bool = False) -> tuple[str, Any]:
+  """The family and sizes of a model name.
+
+  Args:
+    model: ``"lm"`` (= ``"lm-s"``), a :data:`LM_LADDER` name, ``"mlp"``
+      (= ``"mlp-M16"``) or ``"mlp-M<M>"`` (batch ``128 M``).
+    small: the tiny sizes of smoke runs and tests instead (``Config.small()``;
+      the MLP batch is still ``M`` times a base, 4 examples, and the ladder
+      doubles the width from ``lm-xs`` = ``LMConfig.small()`` on).
+
+  Returns:
+    ``(family, config)``.
+  """
+  if model in ("lm", *LM_LADDER):
+    name = "lm-s" if model == "lm" else model
+    if small:
+      # A tiny ladder of the same length: widths 8, 16, 32, ... (lm-xs is LMConfig.small()).
+      d = LMConfig.small().d_model * 2 ** list(LM_LADDER).index(name)
+      return "lm", dataclasses.replace(LMConfig.small(), d_model=d, d_ff=2 * d)
+    return "lm", LM_LADDER[name]
+  match = re.fullmatch(r"mlp(?:-M(\d+))?", model)
+  if match:
+    m = int(match.group(1) or 16)
+    if small:
+      return "mlp", dataclasses.replace(MLPConfig.small(), batch=4 * m)
+    return "mlp", MLPConfig(batch=MLP_BASE_BATCH * m)
+  raise ValueError(
+    f"unknown model {model!r}; choose from 'mlp', 'mlp-M<M>' (e.g. mlp-M16), 'lm' "
+    f"or {', '.join(LM_LADDER)}."
+  )
+
+
 def make_problem(
   model: str,
   T: int,
   *,
+  task: str = "loss_weighting",
   small: bool = False,
   seed: int = 0,
   dtype: Any = jnp.float32,
+  abstract: bool = False,
   **sizes: int,
 ) -> Problem:
-  """Builds the problem ``model`` (``"mlp"`` or ``"lm"``) with ``T`` inner steps.
+  """Builds ``task`` on ``model`` with ``T`` inner steps.
 
   Args:
-    model: ``"mlp"`` or ``"lm"``.
+    model: a model name (see :func:`model_config`): ``"mlp"``,
+      ``"mlp-M<M>"``, ``"lm"`` or a :data:`LM_LADDER` name.
     T: number of inner steps.
-    small: start from the tiny sizes (``Config.small()``) used for smoke
-      runs and tests instead of the benchmark sizes.
+    task: one of :data:`TASKS`.
+    small: start from the tiny sizes used for smoke runs and tests.
     seed: PRNG seed.
     dtype: floating dtype.
+    abstract: ``jax.ShapeDtypeStruct`` s instead of arrays (compile-only).
     **sizes: overrides of :class:`MLPConfig` / :class:`LMConfig` fields,
       e.g. ``batch=128``.
 
@@ -451,12 +628,22 @@ def make_problem(
     >>> p = make_problem("mlp", T=2, small=True, batch=4)
     >>> p.meta_params.shape, p.inner_batches["x"].shape
     ((2, 4), (2, 4, 8))
+    >>> p = make_problem("lm-xl", T=8, task="maml", abstract=True)
+    >>> p.config["n_params"], p.params is None
+    (85347072, True)
   """
-  if model not in MODELS:
-    raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}.")
   if T < 1:
     raise ValueError(f"T must be a positive number of inner steps, got {T}.")
-  ctor, cfg_cls = MODELS[model]
-  cfg = cfg_cls.small() if small else cfg_cls()
+  family, cfg = model_config(model, small=small)
+  fields = [f.name for f in dataclasses.fields(cfg)]
+  unknown = sorted(set(sizes) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown {family} sizes {unknown}; choose from {fields}.")
   cfg = dataclasses.replace(cfg, **sizes)
-  return ctor(T, cfg, seed=seed, dtype=dtype)
+  ctor = MODELS[family][0]
+  name = model
+  if family == "mlp":
+    name = _mlp_name(cfg.batch, base=4 if small else MLP_BASE_BATCH)
+  elif model == "lm":
+    name = "lm-s"
+  return ctor(T, cfg, task=task, seed=seed, dtype=dtype, abstract=abstract, name=name)

@@ -1,0 +1,849 @@
+r"""The benchmark suite: which configurations to measure, and the memory-budget frontier.
+
+A suite is a list of :class:`Point` s (a task on a model with T inner steps
+and some size overrides, measured by a list of methods, timed or
+compile-only) grouped into experiments, plus an optional :class:`Frontier`.
+The ``"default"`` suite mirrors the paper's benchmarks, scaled to a 2-core
+CPU:
+
+- ``tasks``: learning-rate learning, loss weighting and MAML, timed on the
+  MLP toy (loss weighting on the ``lm-s`` transformer too), memory on
+  ``lm-s``;
+- ``variants``: the non-default settings of both the standard baseline and
+  MixFlow (and first-order MAML), timed on the MLP toy;
+- ``ladder``: the transformer ladder, timed for ``lm-xs`` and ``lm-s`` at
+  128-token sequences, memory for ``lm-xs`` ... ``lm-l`` at 1024 tokens;
+- ``T``: T in {1, 2, 4, 8} on the MLP toy (timed at 4 and 8) and, memory
+  only, on ``lm-s``;
+- ``M``: the paper's toy with per-step work size M (batch ``128 M``);
+- ``batch``, ``seq``: batch-size and sequence-length sweeps of ``lm-s``
+  (compile-only, up to 4096 tokens);
+- ``frontier``: for a memory budget (16 GiB by default), the largest model,
+  batch and T that fit with each method, found by compile-only memory
+  analysis (:func:`largest_fitting`): the paper's "how big can I go" table.
+
+Every program is compiled once: points shared between experiments are
+measured once and tagged with all of them, and the frontier search reuses
+every measurement it can. Compile-only programs are compiled with
+:data:`~mixflow_optax.bench.FAST_COMPILE_OPTIONS` (their memory analysis is
+the same to within 0.1%); several compile in parallel threads (``jobs``); timing runs only
+after all compilation is done, one program at a time.
+
+References:
+  Kemaev et al., `Scalable Meta-Learning via Mixed-Mode Differentiation
+  <https://arxiv.org/abs/2505.00793>`_, ICML 2025 (Section 5 and Table 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mixflow_optax.bench._bench import (
+  CORE_METHODS,
+  FAST_COMPILE_OPTIONS,
+  METHODS,
+  add_ratios,
+  check_methods,
+  compile_method,
+  make_record,
+  time_methods,
+)
+from mixflow_optax.bench._problems import LM_LADDER, TASKS, Problem, make_problem, model_config
+
+__all__ = [
+  "EXPERIMENTS",
+  "SUITES",
+  "Point",
+  "Frontier",
+  "Suite",
+  "make_suite",
+  "grid_suite",
+  "select",
+  "largest_fitting",
+  "run_suite",
+  "SuiteResult",
+]
+
+#: Experiment names, in the order of the printed tables.
+EXPERIMENTS: tuple[str, ...] = ("tasks", "variants", "ladder", "T", "M", "batch", "seq", "frontier")
+
+#: Preset suites.
+SUITES: tuple[str, ...] = ("default", "full", "tiny")
+
+Sizes = tuple[tuple[str, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One configuration of the suite.
+
+  Attributes:
+    task: one of :data:`~mixflow_optax.bench.TASKS`.
+    model: a model name (``"lm-s"``, ``"mlp-M16"``, ...).
+    T: number of inner steps.
+    sizes: size overrides, e.g. ``(("batch", 4), ("seq_len", 128))``.
+    methods: methods to measure (``"standard"`` is always added).
+    timed: run and time it (else compile-only: memory only).
+    experiments: the experiments it belongs to.
+  """
+
+  task: str
+  model: str
+  T: int
+  sizes: Sizes = ()
+  methods: tuple[str, ...] = CORE_METHODS
+  timed: bool = True
+  experiments: tuple[str, ...] = ()
+
+  @property
+  def key(self) -> tuple[str, str, int, Sizes]:
+    return (self.task, self.model, self.T, tuple(sorted(self.sizes)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Frontier:
+  """The "how big can I go" search: largest model, batch and T within a memory budget.
+
+  Memory is what a device needs to run the compiled meta-gradient:
+  ``total_mib`` = temp + arguments + outputs. Each axis is searched from the
+  base configuration, the others held fixed, over a grid.
+
+  Attributes:
+    budget_gib: the memory budget.
+    task: the task.
+    model: the base model.
+    T: the base number of inner steps.
+    sizes: the base size overrides (batch, sequence length).
+    models: the model grid (ascending size).
+    batches: the batch grid (ascending).
+    Ts: the T grid (ascending).
+    methods: the methods compared.
+  """
+
+  budget_gib: float = 16.0
+  task: str = "loss_weighting"
+  model: str = "lm-s"
+  T: int = 4
+  sizes: Sizes = ()
+  models: tuple[str, ...] = tuple(LM_LADDER)
+  batches: tuple[int, ...] = tuple(2**i for i in range(13))
+  Ts: tuple[int, ...] = tuple(2**i for i in range(14))
+  methods: tuple[str, ...] = CORE_METHODS
+
+  def axes(self) -> dict[str, tuple[Any, ...]]:
+    return {"model": self.models, "batch": self.batches, "T": self.Ts}
+
+  def point(self, axis: str, value: Any) -> Point:
+    """The configuration at ``value`` on ``axis`` (the base elsewhere)."""
+    model, T, sizes = self.model, self.T, dict(self.sizes)
+    if axis == "model":
+      model = value
+    elif axis == "batch":
+      sizes["batch"] = value
+    elif axis == "T":
+      T = value
+    else:
+      raise ValueError(f"unknown frontier axis {axis!r}; choose from {list(self.axes())}.")
+    return Point(self.task, model, T, tuple(sorted(sizes.items())), timed=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  """A suite: its points and, optionally, a frontier search.
+
+  Attributes:
+    name: the preset's name.
+    points: the points of every experiment. A configuration shared by
+      several experiments appears once per experiment (with that
+      experiment's methods), so that selecting experiments selects methods
+      too; :meth:`configurations` merges them, and so does
+      :func:`run_suite`, which measures each configuration once.
+    frontier: the "how big can I go" search, or ``None``.
+    small: the models are the tiny ones of smoke runs and tests.
+  """
+
+  name: str
+  points: tuple[Point, ...]
+  frontier: Frontier | None = None
+  small: bool = False
+
+  def configurations(self) -> tuple[Point, ...]:
+    """The points merged: one per configuration, methods and experiments united."""
+    return _merge(self.points)
+
+
+def _merge(
+  points: Iterable[Point], key: Callable[[Point], tuple] = lambda p: p.key
+) -> tuple[Point, ...]:
+  """One point per configuration: methods and experiments united, timed if any is."""
+  merged: dict[tuple, Point] = {}
+  for p in points:
+    k = key(p)
+    q = merged.get(k)
+    if q is None:
+      merged[k] = p
+      continue
+    merged[k] = dataclasses.replace(
+      q,
+      methods=tuple(dict.fromkeys(q.methods + p.methods)),
+      timed=q.timed or p.timed,
+      experiments=tuple(dict.fromkeys(q.experiments + p.experiments)),
+    )
+  return tuple(merged.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preset:
+  """The sizes of a preset suite (see :func:`make_suite`)."""
+
+  mlp: str  # The MLP of the tasks, variants and T experiments.
+  mlp_Ts: tuple[int, ...]  # Timed T values of the MLP (the rest of 1, 2, 4, 8: compile-only).
+  ms_timed: tuple[int, ...]
+  ms_compiled: tuple[int, ...]
+  lm_timed: Sizes  # Sizes of the timed LM points.
+  lm_mem: Sizes  # Sizes of the compile-only LM sweeps (the paper's long sequences).
+  ladder_timed: tuple[str, ...]
+  ladder_mem: tuple[str, ...]
+  lm_tasks_timed: bool  # All tasks on the LM timed (else compile-only at lm_mem).
+  lm_Ts: tuple[int, ...]  # T sweep of the LM, at lm_mem.
+  batches: tuple[int, ...]  # Batch sweep of the LM, at lm_mem.
+  seqs: tuple[int, ...]  # Sequence-length sweep of the LM, at lm_mem's batch.
+  frontier_grids: dict[str, tuple[Any, ...]]
+
+
+_PRESETS = {
+  "default": _Preset(
+    mlp="mlp-M16",
+    mlp_Ts=(4, 8),
+    ms_timed=(1, 4, 16),
+    ms_compiled=(64, 256),
+    # 512 tokens per inner step keeps a timed lm-s meta-gradient near a
+    # second on 2 CPU cores; the compile-only sweeps use 1024-token sequences.
+    lm_timed=(("batch", 4), ("seq_len", 128)),
+    lm_mem=(("batch", 4), ("seq_len", 1024)),
+    ladder_timed=("lm-xs", "lm-s"),
+    ladder_mem=("lm-xs", "lm-s", "lm-m", "lm-l"),
+    lm_tasks_timed=False,
+    lm_Ts=(1, 2, 4, 8),
+    batches=(1, 4, 16),
+    seqs=(128, 512, 1024, 4096),
+    frontier_grids={},
+  ),
+  "full": _Preset(
+    mlp="mlp-M16",
+    mlp_Ts=(1, 2, 4, 8),
+    ms_timed=(1, 4, 16, 64),
+    ms_compiled=(256, 1024),
+    lm_timed=(("batch", 4), ("seq_len", 128)),
+    lm_mem=(("batch", 4), ("seq_len", 1024)),
+    ladder_timed=("lm-xs", "lm-s", "lm-m"),
+    ladder_mem=("lm-xs", "lm-s", "lm-m", "lm-l", "lm-xl", "lm-2xl"),
+    lm_tasks_timed=True,
+    lm_Ts=(1, 2, 4, 6, 8, 16),
+    batches=(1, 2, 4, 8, 16, 32),
+    seqs=(128, 256, 512, 1024, 2048, 4096, 8192),
+    frontier_grids={},
+  ),
+  # Tiny models (see make_problem(small=True)) and fewer points: the default
+  # suite's experiments, so that a smoke run exercises every code path
+  # (compilation still takes a few minutes on 2 CPU cores).
+  "tiny": _Preset(
+    mlp="mlp-M4",
+    mlp_Ts=(4,),
+    ms_timed=(1, 4),
+    ms_compiled=(16,),
+    lm_timed=(("batch", 2), ("seq_len", 8)),
+    lm_mem=(("batch", 2), ("seq_len", 16)),
+    ladder_timed=("lm-s",),
+    ladder_mem=("lm-s", "lm-m"),
+    lm_tasks_timed=False,
+    lm_Ts=(2, 4),
+    batches=(1, 2),
+    seqs=(8, 16),
+    frontier_grids={
+      "models": tuple(LM_LADDER)[:4],
+      "batches": (1, 2, 4, 8, 16),
+      "Ts": (1, 2, 4, 8, 16),
+    },
+  ),
+}
+
+
+def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
+  """A preset suite.
+
+  Args:
+    name: ``"default"`` (about 6 minutes on 2 CPU cores), ``"full"`` (larger
+      timed models, longer sweeps) or ``"tiny"`` (the default suite's
+      experiments on tiny models: a smoke run).
+    budget_gib: the frontier's memory budget.
+
+  Returns:
+    A :class:`Suite`.
+
+  Examples:
+    >>> suite = make_suite("default")
+    >>> sorted({e for p in suite.points for e in p.experiments})
+    ['M', 'T', 'batch', 'ladder', 'seq', 'tasks', 'variants']
+    >>> configs = suite.configurations()
+    >>> sum(p.timed for p in configs), len(configs), suite.frontier.budget_gib
+    (8, 26, 16.0)
+  """
+  if name not in SUITES:
+    raise ValueError(f"unknown suite {name!r}; choose from {list(SUITES)}.")
+  pre = _PRESETS[name]
+  lw, lm, mlp = "loss_weighting", "lm-s", pre.mlp
+
+  def pt(task, model, T, sizes=(), experiments=(), methods=CORE_METHODS, timed=True):
+    return Point(task, model, T, tuple(sizes), tuple(methods), timed, tuple(experiments))
+
+  points = []
+  for task in TASKS:
+    points.append(pt(task, mlp, 4, experiments=["tasks"]))
+    if task == lw or pre.lm_tasks_timed:
+      points.append(pt(task, lm, 4, pre.lm_timed, ["tasks"]))
+    if not pre.lm_tasks_timed:
+      points.append(pt(task, lm, 4, pre.lm_mem, ["tasks"], timed=False))
+  variants = [m for m in METHODS if m not in CORE_METHODS and m != "first_order"]
+  points.append(pt(lw, mlp, 4, methods=CORE_METHODS + tuple(variants), experiments=["variants"]))
+  # First-order MAML: what the exact meta-gradient is usually traded for.
+  points.append(
+    pt("maml", mlp, 4, methods=(*CORE_METHODS, "first_order"), experiments=["variants"])
+  )
+  for model in pre.ladder_timed:
+    points.append(pt(lw, model, 4, pre.lm_timed, ["ladder"]))
+  for model in pre.ladder_mem:
+    points.append(pt(lw, model, 4, pre.lm_mem, ["ladder"], timed=False))
+  for T in (1, 2, 4, 8):
+    points.append(pt(lw, mlp, T, experiments=["T"], timed=T in pre.mlp_Ts))
+  for T in pre.lm_Ts:
+    points.append(pt(lw, lm, T, pre.lm_mem, ["T"], timed=False))
+  # The timed LM at T = 8 too (memory only): the T = 8 target on its sizes.
+  points.append(pt(lw, lm, 4, pre.lm_timed, ["T"]))
+  points.append(pt(lw, lm, 8, pre.lm_timed, ["T"], timed=False))
+  for m in pre.ms_timed:
+    points.append(pt(lw, f"mlp-M{m}", 4, experiments=["M"]))
+  for m in pre.ms_compiled:
+    points.append(pt(lw, f"mlp-M{m}", 4, experiments=["M"], timed=False))
+  base = dict(pre.lm_mem)
+  for b in pre.batches:
+    points.append(pt(lw, lm, 4, {**base, "batch": b}.items(), ["batch"], timed=False))
+  for s in pre.seqs:
+    sizes = tuple(sorted({**base, "seq_len": s}.items()))
+    points.append(pt(lw, lm, 4, sizes, ["seq"], timed=sizes == tuple(sorted(pre.lm_timed))))
+  frontier = Frontier(budget_gib=budget_gib, model=lm, T=4, sizes=pre.lm_mem, **pre.frontier_grids)
+  return Suite(name, tuple(points), frontier, small=name == "tiny")
+
+
+def grid_suite(
+  tasks: Sequence[str] = ("loss_weighting",),
+  models: Sequence[str] = ("mlp", "lm"),
+  Ts: Sequence[int] = (4,),
+  methods: Sequence[str] = METHODS,
+  *,
+  small: bool = False,
+) -> Suite:
+  """Every task x model x T, with ``methods``, timed: for configurations of one's own."""
+  points = [
+    Point(task, model, T, (), tuple(methods), True, ("grid",))
+    for task in tasks
+    for model in models
+    for T in Ts
+  ]
+  return Suite("grid", tuple(points), None, small)
+
+
+def _matches(model: str, names: Sequence[str]) -> bool:
+  return any(model == n or model.split("-")[0] == n for n in names)
+
+
+def select(
+  suite: Suite,
+  *,
+  tasks: Sequence[str] | None = None,
+  models: Sequence[str] | None = None,
+  Ts: Sequence[int] | None = None,
+  methods: Sequence[str] | None = None,
+  experiments: Sequence[str] | None = None,
+  compile_only: bool = False,
+  sizes: dict[str, dict[str, int]] | None = None,
+) -> Suite:
+  """Restricts a suite to some tasks, models (names or families), T values, methods, experiments.
+
+  ``compile_only`` makes every point compile-only; ``sizes`` (family ->
+  field -> value) overrides sizes of every point of that family (points that
+  become identical are measured once). The frontier is kept if ``"frontier"`` is
+  among ``experiments`` (or they are not given) and its task and model pass
+  the filters; its methods are filtered too.
+  """
+  if methods is not None:
+    methods = check_methods(methods)
+  points = []
+  for p in suite.points:
+    exps = p.experiments
+    if experiments is not None and "grid" not in exps:
+      exps = tuple(e for e in exps if e in experiments)
+      if not exps:
+        continue
+    if tasks is not None and p.task not in tasks:
+      continue
+    if models is not None and not _matches(p.model, models):
+      continue
+    if Ts is not None and p.T not in Ts:
+      continue
+    ms = (
+      p.methods
+      if methods is None
+      else tuple(m for m in methods if m in p.methods or m == "standard")
+    )
+    ms = tuple(check_methods(ms))
+    if methods is not None and len(ms) == 1:
+      continue  # Only the reference left: nothing this point was asked to compare.
+    family = "lm" if p.model.startswith("lm") else "mlp"
+    new_sizes = dict(p.sizes)
+    new_sizes.update((sizes or {}).get(family, {}))
+    points.append(
+      dataclasses.replace(
+        p,
+        methods=ms,
+        experiments=exps,
+        timed=p.timed and not compile_only,
+        sizes=tuple(sorted(new_sizes.items())),
+      )
+    )
+  frontier = suite.frontier
+  if frontier is not None:
+    keep = experiments is None or "frontier" in experiments
+    keep = keep and (tasks is None or frontier.task in tasks)
+    keep = keep and (models is None or _matches(frontier.model, models))
+    if not keep:
+      frontier = None
+    elif methods is not None:
+      frontier = dataclasses.replace(
+        frontier, methods=tuple(m for m in frontier.methods if m in methods)
+      )
+    if frontier is not None and sizes and "lm" in sizes:
+      frontier = dataclasses.replace(
+        frontier, sizes=tuple(sorted({**dict(frontier.sizes), **sizes["lm"]}.items()))
+      )
+  return dataclasses.replace(suite, points=tuple(points), frontier=frontier)
+
+
+def largest_fitting(
+  xs: Sequence[float],
+  measure: Callable[[int], float],
+  budget: float,
+  known: dict[int, float] | None = None,
+  start: int = 0,
+) -> tuple[int, dict[int, float]]:
+  """The largest grid index whose memory fits the budget, with few measurements.
+
+  Memory is assumed to grow with the grid value (monotone). The search keeps
+  the largest index known to fit and the smallest known not to; it guesses
+  the next index by a secant through the two measurements nearest the budget
+  (memory is close to affine in batch, T and parameter count, so the guess
+  is usually right the first time, and the next probe only confirms it),
+  and bisects instead after two guesses in a row failed to halve the
+  interval. The answer is certified by measurement: the
+  index returned fits and the next one (if any) does not.
+
+  Args:
+    xs: the grid's numeric values (ascending), used by the secant.
+    measure: ``measure(i) -> memory`` of grid index ``i``.
+    budget: the budget (same unit as ``measure``).
+    known: measurements already made (index -> memory), e.g. by sweeps.
+    start: the index to measure first if nothing is known.
+
+  Returns:
+    ``(index, measurements)``: the largest fitting index (-1 if none fits) and
+    every measurement (index -> memory), the known ones included.
+
+  Examples:
+    >>> xs = [1, 2, 4, 8, 16, 32, 64, 128]
+    >>> calls = []
+    >>> def measure(i):
+    ...   calls.append(i)
+    ...   return 100 + 10 * xs[i]
+    >>> i, seen = largest_fitting(xs, measure, budget=1000)
+    >>> xs[i], calls
+    (64, [0, 3, 6, 7])
+  """
+  seen = dict(known or {})
+  n = len(xs)
+  if not seen:
+    seen[start] = measure(start)
+
+  def bounds():
+    fit = [i for i, m in seen.items() if m <= budget]
+    over = [i for i, m in seen.items() if m > budget]
+    return max(fit, default=-1), min(over, default=n)
+
+  stalls = 0
+  while True:
+    lo, hi = bounds()
+    if hi - lo <= 1 or lo >= hi:
+      return lo, seen
+    i = min(max(_secant_guess(xs, seen, budget, lo, hi), lo + 1), hi - 1)
+    if stalls >= 2 and i not in (lo + 1, hi - 1):
+      # Guesses keep missing (memory far from affine): bisect the interval.
+      i = (lo + hi) // 2
+    seen[i] = measure(i)
+    new_lo, new_hi = bounds()
+    stalls = stalls + 1 if (new_hi - new_lo) > (hi - lo) / 2 else 0
+
+
+def _secant_guess(
+  xs: Sequence[float], seen: dict[int, float], budget: float, lo: int, hi: int
+) -> int:
+  """The grid index at which the line through the two measurements nearest the budget crosses it."""
+  below = sorted(i for i, m in seen.items() if m <= budget)
+  above = sorted(i for i, m in seen.items() if m > budget)
+  if below and above:
+    a, b = below[-1], above[0]
+  elif len(below) >= 2:
+    a, b = below[-2], below[-1]
+  elif len(above) >= 2:
+    a, b = above[0], above[1]
+  else:  # One measurement: assume memory proportional to the grid value.
+    ((i, m),) = seen.items()
+    x = xs[i] * budget / max(m, 1e-9)
+    return _index_at_most(xs, x)
+  xa, xb, ma, mb = xs[a], xs[b], seen[a], seen[b]
+  if mb == ma:
+    return hi - 1 if mb <= budget else lo + 1
+  x = xa + (budget - ma) * (xb - xa) / (mb - ma)
+  return _index_at_most(xs, x)
+
+
+def _index_at_most(xs: Sequence[float], x: float) -> int:
+  return max([i for i, v in enumerate(xs) if v <= x * (1 + 1e-9)], default=-1)
+
+
+# ----------------------------------------------------------------------- running
+
+
+class _Progress:
+  """A thread-safe tqdm bar over programs to compile and configurations to time."""
+
+  def __init__(self, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    self._bar = tqdm(total=total, desc="mixflow-bench", unit="step", disable=not enabled)
+    self._lock = threading.Lock()
+
+  def add_total(self, n: int) -> None:
+    with self._lock:
+      self._bar.total += n
+      self._bar.refresh()
+
+  def step(self, text: str, n: int = 1) -> None:
+    with self._lock:
+      self._bar.set_postfix_str(text, refresh=False)
+      self._bar.update(n)
+
+  def say(self, text: str) -> None:
+    with self._lock:
+      self._bar.set_postfix_str(text)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def _label(p: Point, method: str | None = None) -> str:
+  sizes = ",".join(f"{k}={v}" for k, v in p.sizes)
+  text = f"{p.task} {p.model} T={p.T}" + (f" {sizes}" if sizes else "")
+  return text + (f" {method}" if method else "")
+
+
+@dataclasses.dataclass
+class SuiteResult:
+  """What :func:`run_suite` returns.
+
+  Attributes:
+    records: one record per (configuration, method), ratios included.
+    frontier: one record per (axis, method) of the frontier search.
+    seconds: the wall-clock seconds of the whole run.
+    phase_seconds: the seconds of each phase (``compile``, ``time``,
+      ``frontier``).
+  """
+
+  records: list[dict[str, Any]]
+  frontier: list[dict[str, Any]]
+  seconds: float
+  phase_seconds: dict[str, float]
+
+
+def run_suite(
+  suite: Suite,
+  *,
+  reps: int = 3,
+  seed: int = 0,
+  dtype: Any = jnp.float32,
+  fast_compile: bool = False,
+  jobs: int | None = None,
+  progress: bool = True,
+  on_phase: Callable[[str, list[dict[str, Any]], list[dict[str, Any]]], None] | None = None,
+) -> SuiteResult:
+  """Measures a suite: compiles every program, times the timed points, searches the frontier.
+
+  Args:
+    suite: the suite (see :func:`make_suite`, :func:`select`).
+    reps: timed rounds per timed point.
+    seed: PRNG seed of every problem.
+    dtype: floating dtype of every problem.
+    fast_compile: compile timed programs with
+      :data:`~mixflow_optax.bench.FAST_COMPILE_OPTIONS` too (faster runs,
+      unrepresentative timings).
+    jobs: programs compiled in parallel threads (default: up to 2, the CPU
+      count). Timing never overlaps compilation.
+    progress: show a tqdm progress bar.
+    on_phase: called with ``(phase, records, frontier)`` after each phase
+      (``"compile"``, ``"time"``, ``"frontier"``), e.g. to save partial
+      results.
+
+  Returns:
+    A :class:`SuiteResult`.
+  """
+  t_start = time.perf_counter()
+  if reps < 1 and any(p.timed for p in suite.points):
+    raise ValueError(f"reps must be >= 1, got {reps}.")
+  jobs = jobs or max(1, min(2, os.cpu_count() or 1))
+  timed_opts = FAST_COMPILE_OPTIONS if fast_compile else None
+  # JAX's x64 switch is thread-local: the compile threads must see the
+  # caller's (and float64 problems need it on).
+  x64 = bool(jax.config.jax_enable_x64) or jnp.dtype(dtype).itemsize == 8
+
+  def in_x64(fn: Callable) -> Callable:
+    def wrapped(*args):
+      with jax.enable_x64(x64):
+        return fn(*args)
+
+    return wrapped
+
+  def ck(p: Point) -> tuple:
+    return _canonical_key(p, suite.small)
+
+  # Points that name one configuration differently (mlp-M4 and mlp-M1 with
+  # batch=512) are measured once.
+  points = list(_merge(suite.points, ck))
+  programs = [(p, m) for p in points for m in check_methods(p.methods)]
+  frontier = suite.frontier
+  n_searches = 0 if frontier is None else len(frontier.methods) * len(frontier.axes())
+  bar = _Progress(len(programs) + sum(p.timed for p in points) + 2 * n_searches, progress)
+
+  problems: dict[tuple, Problem] = {}
+  lock = threading.Lock()
+
+  def problem(p: Point) -> Problem:
+    with lock:
+      if ck(p) not in problems:
+        problems[ck(p)] = make_problem(
+          p.model,
+          p.T,
+          task=p.task,
+          small=suite.small,
+          seed=seed,
+          dtype=dtype,
+          abstract=not p.timed,
+          **dict(p.sizes),
+        )
+      return problems[ck(p)]
+
+  # Memory of every compiled program, by (configuration, method): the
+  # frontier search reads it before compiling anything new.
+  infos: dict[tuple, dict[str, Any]] = {}
+  executables: dict[tuple, Any] = {}
+
+  @in_x64
+  def compile_one(p: Point, m: str) -> None:
+    prob = problem(p)
+    compiled, info = compile_method(prob, m, timed_opts if p.timed else FAST_COMPILE_OPTIONS)
+    with lock:
+      infos[(ck(p), m)] = info
+      if p.timed:
+        executables[(ck(p), m)] = compiled
+    bar.step(_label(p, m))
+
+  records: list[dict[str, Any]] = []
+  frontier_records: list[dict[str, Any]] = []
+  phases: dict[str, float] = {}
+  t_phase = time.perf_counter()
+
+  def phase_done(name: str) -> None:
+    nonlocal t_phase
+    now = time.perf_counter()
+    phases[name] = now - t_phase
+    t_phase = now
+
+  x64_context = jax.enable_x64(x64)
+  x64_context.__enter__()
+  try:
+    with ThreadPoolExecutor(jobs) as pool:
+      for f in [pool.submit(compile_one, p, m) for p, m in programs]:
+        f.result()
+    phase_done("compile")
+    if on_phase:
+      on_phase("compile", _records(points, problems, infos, reps, ck), [])
+
+    for p in points:
+      if not p.timed:
+        continue
+      methods = check_methods(p.methods)
+      compiled = {m: executables.pop((ck(p), m)) for m in methods}
+      order = sorted(methods, key=lambda m: infos[(ck(p), m)]["total_mib"] or 0.0)
+      timed = time_methods(
+        compiled,
+        problems[ck(p)].args,
+        reps=reps,
+        order=order,
+        on_progress=lambda s, p=p: bar.say(f"{_label(p)}: {s}"),
+      )
+      for m in methods:
+        infos[(ck(p), m)].update(timed[m])
+      del compiled
+      bar.step(_label(p))
+    records = _records(points, problems, infos, reps, ck)
+    phase_done("time")
+    if on_phase:
+      on_phase("time", records, [])
+
+    if frontier is not None and frontier.methods:
+      frontier_points: dict[tuple, Point] = {}
+
+      def measure(axis: str, value: Any, method: str) -> float:
+        p = frontier.point(axis, value)
+        with lock:
+          have = (ck(p), method) in infos
+          frontier_points.setdefault(ck(p), p)
+        if not have:
+          bar.add_total(1)
+          compile_one(p, method)
+        with lock:
+          return infos[(ck(p), method)]["total_mib"]
+
+      @in_x64
+      def search(axis: str, method: str) -> dict[str, Any]:
+        values = frontier.axes()[axis]
+        xs = [_axis_x(axis, v, suite.small) for v in values]
+        known = {}
+        for i, v in enumerate(values):
+          p = frontier.point(axis, v)
+          with lock:
+            info = infos.get((ck(p), method))
+          if info is not None:
+            known[i] = info["total_mib"]
+            with lock:
+              frontier_points.setdefault(ck(p), p)
+        base = _axis_base(frontier, axis, suite.small)
+        base = values.index(base) if base in values else 0
+        budget = frontier.budget_gib * 1024
+        i, seen = largest_fitting(
+          xs, lambda j: measure(axis, values[j], method), budget, known, start=base
+        )
+        bar.step(f"frontier {axis} {method}", 2)
+        return _frontier_record(frontier, axis, method, values, i, seen, suite.small)
+
+      with ThreadPoolExecutor(jobs) as pool:
+        futures = [
+          pool.submit(search, axis, m) for axis in frontier.axes() for m in frontier.methods
+        ]
+        frontier_records = [f.result() for f in futures]
+      new = [p for k, p in frontier_points.items() if k not in {ck(q) for q in points}]
+      frontier_keys = set(frontier_points)
+      points = [
+        dataclasses.replace(p, experiments=(*p.experiments, "frontier"))
+        if ck(p) in frontier_keys
+        else p
+        for p in points
+      ] + [dataclasses.replace(p, experiments=("frontier",), methods=()) for p in new]
+      records = _records(points, problems, infos, reps, ck)
+      phase_done("frontier")
+      if on_phase:
+        on_phase("frontier", records, frontier_records)
+  finally:
+    x64_context.__exit__(None, None, None)
+    bar.close()
+  return SuiteResult(records, frontier_records, time.perf_counter() - t_start, phases)
+
+
+def _canonical_key(p: Point, small: bool) -> tuple:
+  """What identifies a configuration: task, model family, T and every size of the model."""
+  family, cfg = model_config(p.model, small=small)
+  sizes = tuple(sorted(dataclasses.asdict(dataclasses.replace(cfg, **dict(p.sizes))).items()))
+  return (p.task, family, p.T, sizes)
+
+
+def _axis_base(frontier: Frontier, axis: str, small: bool) -> Any:
+  if axis == "model":
+    return frontier.model
+  if axis == "T":
+    return frontier.T
+  cfg = dataclasses.replace(model_config(frontier.model, small=small)[1], **dict(frontier.sizes))
+  return cfg.batch
+
+
+def _axis_x(axis: str, value: Any, small: bool) -> float:
+  """The numeric value of a grid point for the secant: the parameter count on the model axis."""
+  if axis != "model":
+    return float(value)
+  return float(make_problem(value, 1, small=small, abstract=True).config["n_params"])
+
+
+def _records(
+  points: Sequence[Point],
+  problems: dict[tuple, Problem],
+  infos: dict[tuple, dict[str, Any]],
+  reps: int,
+  ck: Callable[[Point], tuple],
+) -> list[dict[str, Any]]:
+  """Result records of every measured (point, method), with experiments and ratios."""
+  records = []
+  for p in points:
+    methods = [m for m in METHODS if (ck(p), m) in infos]
+    for m in methods:
+      rec = make_record(problems[ck(p)], m, infos[(ck(p), m)], compile_only=not p.timed, reps=reps)
+      rec["experiments"] = list(p.experiments)
+      records.append(rec)
+  add_ratios(records)
+  return records
+
+
+def _frontier_record(
+  frontier: Frontier,
+  axis: str,
+  method: str,
+  values: Sequence[Any],
+  i: int,
+  seen: dict[int, float],
+  small: bool,
+) -> dict[str, Any]:
+  largest = None if i < 0 else values[i]
+  nxt = i + 1 if i + 1 < len(values) else None
+  base = {"model": frontier.model, "T": frontier.T, **dict(frontier.sizes)}
+  rec = {
+    "axis": axis,
+    "method": method,
+    "task": frontier.task,
+    "budget_gib": frontier.budget_gib,
+    "base": base,
+    "largest": largest,
+    "largest_total_mib": None if i < 0 else seen[i],
+    "next": None if nxt is None else values[nxt],
+    "next_total_mib": None if nxt is None else seen.get(nxt),
+    "grid_max_fits": nxt is None and i >= 0,
+    "probes": len(seen),
+  }
+  if axis == "model" and largest is not None:
+    rec["largest_n_params"] = make_problem(largest, 1, small=small, abstract=True).config[
+      "n_params"
+    ]
+  return rec

@@ -99,6 +99,21 @@ def _build_bn(framework):
   return variables["params"], variables["batch_stats"], train, evaluate
 
 
+def _bn_losses(train, evaluate):
+  """Inner loss in training mode (returns the new statistics), outer loss in evaluation mode."""
+
+  def inner_loss(p, meta, batch, stats):
+    x, y = batch
+    pred, stats = train(p, stats, x)
+    return jnp.mean((pred - y) ** 2), stats
+
+  def outer_loss(p, meta, batch, stats):
+    x, y = batch
+    return jnp.mean((evaluate(p, stats, x) - y) ** 2)
+
+  return inner_loss, outer_loss
+
+
 class FlaxRecipeTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
@@ -152,14 +167,7 @@ class FlaxRecipeTest(parameterized.TestCase):
     params, stats = jax.tree.map(lambda p: p.astype(jnp.float64), (params, stats))
     inner, outer = _data()
 
-    def inner_loss(p, meta, batch, stats):
-      x, y = batch
-      pred, stats = train(p, stats, x)
-      return jnp.mean((pred - y) ** 2), stats
-
-    def outer_loss(p, meta, batch, stats):
-      x, y = batch
-      return jnp.mean((evaluate(p, stats, x) - y) ** 2)
+    inner_loss, outer_loss = _bn_losses(train, evaluate)
 
     meta = jnp.log(0.05)
     mo = mfo.meta_optimizer(
@@ -209,14 +217,7 @@ class FlaxConvergenceTest(parameterized.TestCase):
 
     params, stats, train, evaluate = _build_bn("nnx")
 
-    def inner_loss(p, meta, batch, stats):
-      x, y = batch
-      pred, stats = train(p, stats, x)
-      return jnp.mean((pred - y) ** 2), stats
-
-    def outer_loss(p, meta, batch, stats):
-      x, y = batch
-      return jnp.mean((evaluate(p, stats, x) - y) ** 2)
+    inner_loss, outer_loss = _bn_losses(train, evaluate)
 
     mo = mfo.meta_optimizer(
       inner_loss,

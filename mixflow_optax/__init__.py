@@ -3,19 +3,23 @@ with mixed-mode (forward-over-reverse) differentiation (MixFlow-MG)."""
 
 from mixflow_optax import transforms
 from mixflow_optax._fwdrev import ForwardModeError, fwdrev_grad, fwdrev_value_and_grad
+from mixflow_optax._memory import CompiledMemory, compiled_memory, peak_memory
 from mixflow_optax._meta import MetaOptimizer, MetaState, meta_optimizer
 from mixflow_optax._unroll import INNER_GRAD_NAME, unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "CompiledMemory",
   "INNER_GRAD_NAME",
   "ForwardModeError",
   "MetaOptimizer",
   "MetaState",
+  "compiled_memory",
   "fwdrev_grad",
   "fwdrev_value_and_grad",
   "meta_optimizer",
+  "peak_memory",
   "transforms",
   "unroll",
 ]

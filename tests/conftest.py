@@ -6,6 +6,11 @@
 """
 
 import os
+import pathlib
+import sys
+
+# `import helpers` (tests/helpers.py) works from every test file under importlib mode.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 # Tests must be reproducible and light on 2 cores.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

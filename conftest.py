@@ -3,8 +3,13 @@
 The suite is compile-bound: hundreds of tiny XLA programs, each run once or
 twice. These XLA CPU options cut compile time 2-3x (legacy fusion emitters, no
 LLVM optimisation). They change neither the programs' results beyond float
-round-off nor the comparisons the tests make. They must be set before JAX
-initialises its backend, hence here, at the repository root.
+round-off nor the comparisons the exactness tests make. They must be set before
+JAX initialises its backend, hence here, at the repository root.
+
+They do change compiled memory (XLA's fusion decisions). Memory and ordering
+claims are therefore checked with XLA's defaults restored for that compilation
+(``helpers.default_flags_memory`` in tests/helpers.py), and the tutorials are
+executed in kernels started without these flags (tests/test_colabs.py).
 """
 
 import os

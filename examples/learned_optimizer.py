@@ -582,8 +582,8 @@ def meta_step_memory(
 ) -> dict[str, int]:
   """Compiled temporary memory (bytes) of one meta-step, mixflow vs standard mode.
 
-  ``jax.jit(step).lower(...).compile().memory_analysis().temp_size_in_bytes``:
-  deterministic, nothing is run.
+  ``mfo.compiled_memory``: deterministic, nothing is run. Compiled with XLA's
+  default flags (the fast-compile options change compiled memory).
   """
   families = default_families() if families is None else tuple(families)
   lopt = make_lopt(cfg)
@@ -597,8 +597,7 @@ def meta_step_memory(
   out = {}
   for mode in ("mixflow", "standard"):
     step = make_meta_step(families, lopt, outer_opt, cfg, mode=mode, unroll=unroll)
-    compiled = jax.jit(step).lower(*args).compile(FAST_COMPILE)
-    out[mode] = int(compiled.memory_analysis().temp_size_in_bytes)
+    out[mode] = mfo.compiled_memory(jax.jit(step), *args).temp_bytes
   return out
 
 

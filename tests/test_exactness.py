@@ -8,6 +8,7 @@ relative, and mixflow is also checked against central finite differences.
 
 import functools
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,11 +176,7 @@ def _max_rel_err(a, b):
   return num / max(den, 1e-300)
 
 
-class ExactnessTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class ExactnessTest(helpers.F64TestCase):
   @parameterized.product(
     opt_name=tuple(OPTIMIZERS),
     kind=META_KINDS,
@@ -222,11 +219,7 @@ class ExactnessTest(parameterized.TestCase):
     np.testing.assert_allclose(float(ad), float(fd), rtol=1e-6, atol=1e-9)
 
 
-class ClosedFormTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class ClosedFormTest(helpers.F64TestCase):
   @parameterized.named_parameters(("mixflow", "mixflow"), ("standard", "standard"))
   def test_one_sgd_step_data_meta_gradient(self, mode):
     # Inner parameter a, data x as the meta-parameter, one SGD step (lr 1):
@@ -266,12 +259,8 @@ class ClosedFormTest(parameterized.TestCase):
     np.testing.assert_allclose(jax.grad(meta_loss)(jnp.asarray(alpha)), expected, rtol=1e-13)
 
 
-class ZeroGradientTest(parameterized.TestCase):
+class ZeroGradientTest(helpers.F64TestCase):
   """Adam-family meta-gradients stay exact where inner gradients are exactly 0."""
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
 
   @parameterized.named_parameters(
     ("adam", lambda lr: mfo.transforms.adam(lr), lambda lr: optax.adam(lr)),

@@ -2,6 +2,7 @@
 
 import chex
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import optax
@@ -114,11 +115,7 @@ def _bn_losses(train, evaluate):
   return inner_loss, outer_loss
 
 
-class FlaxRecipeTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class FlaxRecipeTest(helpers.F64TestCase):
   @parameterized.product(framework=("nnx", "linen"), mode=("mixflow", "standard"))
   def test_per_parameter_learning_rates(self, framework, mode):
     import mixflow_optax as mfo
@@ -208,7 +205,7 @@ class FlaxRecipeTest(parameterized.TestCase):
     self.assertGreater(abs(float(outer_loss(want_p, None, outer, stats) - want_loss)), 1e-6)
 
 
-class FlaxConvergenceTest(parameterized.TestCase):
+class FlaxConvergenceTest(helpers.TestCase):
   """Smoke tests in float32, the way the recipes run in practice."""
 
   def test_batchnorm_learning_rate_converges(self):

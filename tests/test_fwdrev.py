@@ -3,6 +3,7 @@
 import warnings
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,11 +52,7 @@ def _sgd_meta_loss(grad_fn, use_value=False):
   return meta_loss
 
 
-class FwdRevTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class FwdRevTest(helpers.F64TestCase):
   def test_values_match_jax(self):
     params, eta, batch = _setup()
     chex.assert_trees_all_close(
@@ -162,7 +159,7 @@ class FwdRevTest(parameterized.TestCase):
     self.assertIn("custom_vjp_call", str(jaxpr))
 
 
-class ErrorsTest(parameterized.TestCase):
+class ErrorsTest(helpers.TestCase):
   def test_non_scalar_loss(self):
     with self.assertRaisesRegex(
       TypeError, r"must return a real scalar loss.*shape \(3,\).*jnp.mean"
@@ -217,11 +214,7 @@ def _plain_custom(x):
 _plain_custom.defvjp(lambda x: (jnp.exp(x) * x, x), lambda x, ct: (jnp.exp(x) * (1 + x) * ct,))
 
 
-class CustomVjpTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class CustomVjpTest(helpers.F64TestCase):
   def _meta(self, op, gfn):
     def inner(w, eta):
       return jnp.sum(eta * op(w))

@@ -1,6 +1,7 @@
 """checkpoint_every: two-level (and nested) checkpointing over the inner steps."""
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import optax
@@ -43,11 +44,7 @@ def _meta_grad(T, checkpoint_every, mode="mixflow", **kw):
   return jax.jit(jax.value_and_grad(meta_loss, argnums=(0, 1)))(meta, params)
 
 
-class CheckpointEveryTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class CheckpointEveryTest(helpers.F64TestCase):
   @parameterized.named_parameters(
     ("divides", 12, 4, "mixflow"),
     ("remainder", 13, 4, "mixflow"),
@@ -95,7 +92,7 @@ class CheckpointEveryTest(parameterized.TestCase):
         mfo.unroll(_inner_loss, opt, checkpoint_every=bad)
 
 
-class LongHorizonMemoryTest(absltest.TestCase):
+class LongHorizonMemoryTest(helpers.TestCase):
   def test_stored_carries_grow_like_sqrt_T(self):
     """Compiled temp memory at T=1024: per-step storage vs K=32 (compile only)."""
     T = 1024
@@ -109,8 +106,7 @@ class LongHorizonMemoryTest(absltest.TestCase):
         p, _ = run(meta, params, opt.init(params), batches)
         return jnp.sum(p["v"] ** 2)
 
-      compiled = jax.jit(jax.grad(meta_loss)).lower(meta, params).compile()
-      return compiled.memory_analysis().temp_size_in_bytes
+      return helpers.default_flags_memory(jax.grad(meta_loss), meta, params).temp_bytes
 
     per_step, sqrt_t = temp_bytes(None), temp_bytes(32)
     carry_bytes = 4 * 3 * (2 * 64 + 64)  # params + Adam's two moments, float32
@@ -119,26 +115,27 @@ class LongHorizonMemoryTest(absltest.TestCase):
     self.assertLess(sqrt_t, per_step / 8)
 
 
-def test_long_horizon_example_runs(tmp_path):
-  """examples/long_horizon.py at a tiny size: records are well-formed and agree."""
-  import importlib.util
-  import json
-  from pathlib import Path
+class LongHorizonExampleTest(helpers.TestCase):
+  def test_long_horizon_example_runs(self):
+    """examples/long_horizon.py at a tiny size: records are well-formed and agree."""
+    import importlib.util
+    import json
+    from pathlib import Path
 
-  path = Path(__file__).resolve().parents[1] / "examples" / "long_horizon.py"
-  spec = importlib.util.spec_from_file_location("long_horizon", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  out = tmp_path / "records.json"
-  records = module.main(
-    ["--T", "49", "--width", "4", "--batch", "2", "--reps", "1", "--out", str(out)]
-  )
-  assert json.loads(out.read_text()) == json.loads(json.dumps(records, default=str))
-  assert [r["carries_stored"] for r in records][0] == 49
-  assert all(r["carries_stored"] < 49 for r in records[1:])
-  grads = [r["meta_grad"] for r in records]
-  assert all(g is not None for g in grads)
-  assert max(grads) - min(grads) <= 1e-5 * max(abs(g) for g in grads)
+    path = Path(__file__).resolve().parents[1] / "examples" / "long_horizon.py"
+    spec = importlib.util.spec_from_file_location("long_horizon", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = Path(self.create_tempdir().full_path) / "records.json"
+    records = module.main(
+      ["--T", "49", "--width", "4", "--batch", "2", "--reps", "1", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(records, default=str))
+    assert [r["carries_stored"] for r in records][0] == 49
+    assert all(r["carries_stored"] < 49 for r in records[1:])
+    grads = [r["meta_grad"] for r in records]
+    assert all(g is not None for g in grads)
+    assert max(grads) - min(grads) <= 1e-5 * max(abs(g) for g in grads)
 
 
 if __name__ == "__main__":

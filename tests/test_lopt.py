@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,10 +118,9 @@ def _bptt(lopt, w, params, state, batches):
   return jax.lax.scan(step, (params, state), batches)[0]
 
 
-class _X64TestCase(parameterized.TestCase):
+class _X64TestCase(helpers.F64TestCase):
   def setUp(self):
     super().setUp()
-    self.enter_context(jax.enable_x64(True))
     chex.clear_trace_counter()
 
 
@@ -545,7 +545,7 @@ def _load_example():
   return module
 
 
-class ExampleSmokeTest(absltest.TestCase):
+class ExampleSmokeTest(helpers.TestCase):
   def test_main_writes_well_formed_finite_results(self):
     lo = _load_example()
     out = pathlib.Path(self.enter_context(tempfile.TemporaryDirectory()))

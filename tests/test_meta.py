@@ -1,6 +1,7 @@
 """mfo.meta_optimizer: optax tutorial reproduction, exactness, MAML tasks, errors."""
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,12 +19,8 @@ def _tutorial_samples(n_steps, N=7, seed=0):
   return jnp.asarray(x), jnp.asarray(y)
 
 
-class TutorialReproductionTest(parameterized.TestCase):
+class TutorialReproductionTest(helpers.F64TestCase):
   """optax's examples/meta_learning.ipynb, rewritten on mfo.meta_optimizer."""
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
 
   @parameterized.named_parameters(("mixflow", "mixflow"), ("standard", "standard"))
   def test_same_trajectory_as_the_optax_tutorial(self, mode):
@@ -138,11 +135,7 @@ def _maml_optimizer(mode, outer_opt, inner_opt=None):
   )
 
 
-class MamlTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class MamlTest(helpers.F64TestCase):
   @parameterized.named_parameters(("mixflow", "mixflow"), ("standard", "standard"))
   def test_meta_sgd_meta_gradient_equals_plain_bptt(self, mode):
     inner, outer = _sine_tasks(n_tasks=3, T=3, k=5, seed=1)
@@ -220,7 +213,7 @@ class MamlTest(parameterized.TestCase):
     self.assertLess(after, 0.7 * before)
 
 
-class MetaBadInputTest(absltest.TestCase):
+class MetaBadInputTest(helpers.TestCase):
   def _mo(self, **kw):
     return mfo.meta_optimizer(
       _regression_loss, _regression_loss, mfo.transforms.sgd(0.1), optax.adam(0.1), **kw
@@ -256,12 +249,8 @@ if __name__ == "__main__":
   absltest.main()
 
 
-class RecipeExactnessTest(parameterized.TestCase):
+class RecipeExactnessTest(helpers.F64TestCase):
   """Recipes through meta_optimizer equal plain BPTT through stock optax."""
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
 
   def _one_step_meta_gradient(self, mo, meta, params0, inner, outer):
     # With outer SGD(1), one step moves meta by exactly minus the meta-gradient.
@@ -373,7 +362,7 @@ class RecipeExactnessTest(parameterized.TestCase):
     chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-14)
 
 
-class ConvergenceSmokeTest(absltest.TestCase):
+class ConvergenceSmokeTest(helpers.TestCase):
   """A few hundred meta-steps on CPU improve the outer loss (float32)."""
 
   def test_learning_rate_learning(self):

@@ -1,6 +1,7 @@
 """Carried model state (has_model_state) and the opt-in non-finite check (check_finite)."""
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import optax
@@ -58,11 +59,7 @@ def _plain_meta_loss(meta, params, state, inner, outer, opt_state=None):
   return _outer(p, meta, outer, state)
 
 
-class ModelStateTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class ModelStateTest(helpers.F64TestCase):
   @parameterized.product(mode=("mixflow", "standard"), remat=(True, False))
   def test_unroll_meta_gradient_through_state_equals_plain_bptt(self, mode, remat):
     params, meta, state, inner, outer = _problem()
@@ -146,7 +143,7 @@ class ModelStateTest(parameterized.TestCase):
     chex.assert_trees_all_equal(s1.params, params)
 
 
-class ModelStateBadInputTest(absltest.TestCase):
+class ModelStateBadInputTest(helpers.TestCase):
   def test_missing_model_state(self):
     params, meta, state, inner, _ = _problem()
     opt = mfo.transforms.sgd(0.1)
@@ -209,11 +206,7 @@ def _lin_meta():
   return {"scale": jnp.ones((3,)), "log_lr": jnp.log(0.1)}
 
 
-class CheckFiniteTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class CheckFiniteTest(helpers.F64TestCase):
   def _mo(self, inner_opt, inner_loss=_lin_loss, outer_loss=_lin_loss, **kw):
     return mfo.meta_optimizer(
       inner_loss, outer_loss, inner_opt, optax.sgd(0.1), check_finite=True, **kw

@@ -1,9 +1,21 @@
-"""Repository invariants: the README's commands are the ones CI runs."""
+"""Repository invariants: the README's commands are the ones CI runs, its code runs, and the
+documentation's code blocks run as they stand or say what they assume."""
 
 import pathlib
 import re
 
+import helpers
+import jax.numpy as jnp
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Pages whose ```python blocks are executed, in order, one namespace per page. A block that
+# starts with "# Assumes" depends on names it does not define and is only compiled.
+DOC_PAGES = [
+  "docs/index.md",
+  "docs/when_mixflow_helps.md",
+  *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "guide").glob("*.md")),
+]
 
 
 def _readme_commands():
@@ -13,33 +25,74 @@ def _readme_commands():
   return [ln.strip() for ln in blocks[0].splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def test_readme_starts_with_demo_and_test_commands():
-  demo, tests = _readme_commands()[:2]
-  assert "mixflow_optax.bench" in demo and "pip install" in demo
-  assert "pytest" in tests and ".[test]" in tests
+def _python_blocks(path):
+  return re.findall(r"```python\n(.*?)```", (ROOT / path).read_text(), flags=re.S)
 
 
-def test_ci_runs_the_readme_test_command():
-  tests_cmd = _readme_commands()[1]
-  pytest_cmd = tests_cmd[tests_cmd.index("python -m pytest") :]
-  ci = (ROOT / ".ci" / "run").read_text()
-  ci_cmds = [ln.strip() for ln in ci.splitlines() if ln.strip().startswith("python -m pytest")]
-  assert ci_cmds == [pytest_cmd], (ci_cmds, pytest_cmd)
-  assert '-e ".[test]"' in ci and "python3 -m venv" in ci
+class RepoTest(helpers.TestCase):
+  def test_readme_starts_with_benchmark_and_test_commands(self):
+    demo, tests = _readme_commands()[:2]
+    self.assertIn("python -m benchmarks", demo)
+    self.assertIn('pip install -e ".[bench]"', demo)
+    self.assertIn("python -m pytest", tests)
+    self.assertIn('pip install -e ".[test]"', tests)
 
+  def test_ci_runs_the_readme_test_command(self):
+    tests_cmd = _readme_commands()[1]
+    pytest_cmd = tests_cmd[tests_cmd.index("python -m pytest") :]
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_cmds = [ln.strip() for ln in ci.splitlines() if ln.strip().startswith("python -m pytest")]
+    self.assertEqual(ci_cmds, [pytest_cmd])
+    self.assertIn('-e ".[test]"', ci)
+    self.assertIn("python3 -m venv", ci)
 
-def test_readme_runnable_example():
-  text = (ROOT / "README.md").read_text()
-  blocks = [
-    b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "Runnable example" in b
-  ]
-  assert len(blocks) == 1
-  namespace = {}
-  exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
-  import jax.numpy as jnp
+  def test_ci_checks_format_lint_and_docs(self):
+    ci = (ROOT / ".ci" / "run").read_text()
+    self.assertIn("ruff format --check .", ci)
+    self.assertIn("ruff check .", ci)
+    self.assertRegex(ci, r"sphinx-build -W --keep-going .*docs docs/_build/html")
 
-  leaves = [namespace["meta_grads"]["logits"], namespace["meta_grads"]["log_lr"]]
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
-  assert float(jnp.max(jnp.abs(namespace["meta_grads"]["logits"]))) > 0
-  # The outer step moved the meta-parameters.
-  assert float(namespace["meta"]["log_lr"]) != float(jnp.log(1e-2))
+  def test_runtime_dependencies_are_what_the_library_imports(self):
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = re.search(r"^dependencies = \[(.*?)\]", text, flags=re.S | re.M).group(1)
+    names = sorted(re.findall(r'"([A-Za-z0-9_.-]+)', deps))
+    self.assertEqual(names, ["jax", "numpy", "optax"])
+    self.assertNotIn("[project.scripts]", text)
+
+  def test_fast_compile_flags_are_restorable(self):
+    # helpers.DEFAULT_XLA_OPTIONS must undo every flag the root conftest.py sets for speed.
+    conftest = (ROOT / "conftest.py").read_text()
+    flags = dict(re.findall(r"--(xla_\w+)=(\w+)", conftest))
+    self.assertTrue(flags)
+    self.assertEqual(set(flags), set(helpers.DEFAULT_XLA_OPTIONS))
+
+  def test_user_xla_flags_drop_only_the_fast_compile_flags(self):
+    flags = "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"
+    flags += " --xla_backend_optimization_level=0"
+    self.assertEqual(helpers.user_xla_flags(flags), "--xla_force_host_platform_device_count=8")
+    self.assertEqual(helpers.user_xla_flags(""), "")
+
+  def test_readme_runnable_example(self):
+    blocks = [b for b in _python_blocks("README.md") if "Runnable example" in b]
+    self.assertLen(blocks, 1)
+    self.assertLessEqual(len(blocks[0].strip().splitlines()), 30)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+    leaves = [namespace["meta_grads"]["logits"], namespace["meta_grads"]["log_lr"]]
+    self.assertTrue(all(bool(jnp.all(jnp.isfinite(x))) for x in leaves))
+    self.assertGreater(float(jnp.max(jnp.abs(namespace["meta_grads"]["logits"]))), 0)
+    # The outer step moved the meta-parameters.
+    self.assertNotEqual(float(namespace["meta"]["log_lr"]), float(jnp.log(1e-2)))
+
+  def test_readme_python_blocks_run_or_state_assumptions(self):
+    for block in _python_blocks("README.md"):
+      self.assertTrue("Runnable example" in block or block.startswith("# Assumes"), block[:80])
+
+  def test_documentation_code_blocks(self):
+    for page in DOC_PAGES:
+      namespace = {}
+      for i, block in enumerate(_python_blocks(page)):
+        with self.subTest(page=page, block=i):
+          code = compile(block, f"{page} block {i}", "exec")
+          if not block.startswith("# Assumes"):
+            exec(code, namespace)  # noqa: S102

@@ -11,6 +11,7 @@ import functools
 import itertools
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,12 +213,11 @@ def _has_nan(tree):
 _TIGHT = dict(rtol=1e-12, atol=1e-12)
 
 
-class _X64TestCase(parameterized.TestCase):
+class _X64TestCase(helpers.F64TestCase):
   """Runs every test with 64-bit floats enabled (no global config flip)."""
 
   def setUp(self):
     super().setUp()
-    self.enter_context(jax.enable_x64(True))
     chex.clear_trace_counter()
 
 
@@ -878,37 +878,38 @@ class ZeroGradientTest(_X64TestCase):
     self.assertTrue(_has_nan(jax.grad(lambda x: (0 * jnp.sqrt(x)).sum())(x)))
 
 
-def test_params_given_as_a_list_of_layers():
-  """Lists are ordinary pytrees: state moments that are lists are not per-leaf columns."""
-  params = [{"w": jnp.ones((2, 3))}, {"w": jnp.ones((3,)), "b": jnp.zeros(())}]
-  grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p) + 0.01, params)
-  mask = [{"w": True}, {"w": False, "b": True}]
-  pairs = [
-    (mfo.transforms.adam(0.1), optax.adam(0.1)),
-    (
-      mfo.transforms.sgd(0.1, momentum=0.9, nesterov=True),
-      optax.sgd(0.1, momentum=0.9, nesterov=True),
-    ),
-    (
-      mfo.transforms.rmsprop(0.1, momentum=0.9, centered=True),
-      optax.rmsprop(0.1, momentum=0.9, centered=True),
-    ),
-    (
-      mfo.transforms.adamw(0.1, weight_decay=0.1, mask=mask),
-      optax.adamw(0.1, weight_decay=0.1, mask=mask),
-    ),
-  ]
-  for ours, stock in pairs:
-    s1, s2 = ours.init(params), stock.init(params)
-    for _ in range(2):
-      u1, s1 = ours.update(grads, s1, params)
-      u2, s2 = stock.update(grads, s2, params)
-    chex.assert_trees_all_close(u1, u2, rtol=1e-6)
-  # Per-layer learning rates given as a list, like the params.
-  rates = jax.tree.map(lambda p: jnp.asarray(0.5), params)
-  opt = mfo.transforms.sgd(0.1)
-  u, _ = opt.update(grads, opt.init(params), params, hyperparams={"learning_rate": rates})
-  chex.assert_trees_all_close(u, jax.tree.map(lambda g: -0.5 * g, grads))
+class ListParamsTest(helpers.TestCase):
+  def test_params_given_as_a_list_of_layers(self):
+    """Lists are ordinary pytrees: state moments that are lists are not per-leaf columns."""
+    params = [{"w": jnp.ones((2, 3))}, {"w": jnp.ones((3,)), "b": jnp.zeros(())}]
+    grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p) + 0.01, params)
+    mask = [{"w": True}, {"w": False, "b": True}]
+    pairs = [
+      (mfo.transforms.adam(0.1), optax.adam(0.1)),
+      (
+        mfo.transforms.sgd(0.1, momentum=0.9, nesterov=True),
+        optax.sgd(0.1, momentum=0.9, nesterov=True),
+      ),
+      (
+        mfo.transforms.rmsprop(0.1, momentum=0.9, centered=True),
+        optax.rmsprop(0.1, momentum=0.9, centered=True),
+      ),
+      (
+        mfo.transforms.adamw(0.1, weight_decay=0.1, mask=mask),
+        optax.adamw(0.1, weight_decay=0.1, mask=mask),
+      ),
+    ]
+    for ours, stock in pairs:
+      s1, s2 = ours.init(params), stock.init(params)
+      for _ in range(2):
+        u1, s1 = ours.update(grads, s1, params)
+        u2, s2 = stock.update(grads, s2, params)
+      chex.assert_trees_all_close(u1, u2, rtol=1e-6)
+    # Per-layer learning rates given as a list, like the params.
+    rates = jax.tree.map(lambda p: jnp.asarray(0.5), params)
+    opt = mfo.transforms.sgd(0.1)
+    u, _ = opt.update(grads, opt.init(params), params, hyperparams={"learning_rate": rates})
+    chex.assert_trees_all_close(u, jax.tree.map(lambda g: -0.5 * g, grads))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """mfo.unroll: modes, jit/vmap/jvp, integer batches, losses, bad input."""
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,11 +40,7 @@ def _meta_loss(mode, opt=None, **kwargs):
   return meta_loss
 
 
-class UnrollTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    self.enter_context(jax.enable_x64(True))
-
+class UnrollTest(helpers.F64TestCase):
   def test_forward_matches_stock_optax_loop(self):
     params, meta, batches = _problem()
     opt = mfo.transforms.adam(0.1)
@@ -189,8 +186,8 @@ class UnrollTest(parameterized.TestCase):
     np.testing.assert_allclose(d_meta["logits"], 0.0)  # weights only act via g
 
 
-class MemoryTest(absltest.TestCase):
-  """Compiled (deterministic) memory: mixflow stores no per-step activations."""
+class MemoryTest(helpers.TestCase):
+  """Compiled (deterministic) memory under default XLA flags: mixflow stores no per-step activations."""
 
   def test_mixflow_uses_less_temp_memory_than_standard(self):
     D, B, T = 32, 1024, 4
@@ -212,15 +209,15 @@ class MemoryTest(absltest.TestCase):
         p, _ = run(meta, p, opt.init(p), xs)
         return sum(jnp.sum(w**2) for w in p)
 
-      c = jax.jit(jax.grad(f, argnums=(0, 1))).lower(jnp.ones(()), params).compile()
-      return c.memory_analysis().temp_size_in_bytes
+      grad_fn = jax.grad(f, argnums=(0, 1))
+      return helpers.default_flags_memory(grad_fn, jnp.ones(()), params).temp_bytes
 
     mixflow = temp_bytes("mixflow", True)
     self.assertLess(mixflow * 4, temp_bytes("standard", False))
     self.assertLess(mixflow, temp_bytes("standard", True))
 
 
-class BadInputTest(parameterized.TestCase):
+class BadInputTest(helpers.TestCase):
   def test_leading_axis_mismatch(self):
     params, meta, (x, y) = _problem()
     opt = mfo.transforms.adam(0.1)

@@ -10,23 +10,10 @@ from absl.testing import absltest, parameterized
 
 import mixflow_optax as mfo
 
-
-def _inner_loss(params, meta, batch):
-  x, y = batch
-  pred = jnp.tanh(x @ params["w"]) @ params["v"]
-  return jnp.mean(jax.nn.sigmoid(meta["logits"]) * (pred - y) ** 2)
-
-
-def _problem(T=3):
-  k = jax.random.split(jax.random.PRNGKey(3), 5)
-  params = {"w": jax.random.normal(k[0], (2, 3)), "v": jax.random.normal(k[1], (3,))}
-  batches = (jax.random.normal(k[2], (T, 4, 2)), jax.random.normal(k[3], (T, 4)))
-  meta = {"logits": jax.random.normal(k[4], (4,)), "log_lr": jnp.log(0.1)}
-  return params, meta, batches
-
-
-def _hp(meta):
-  return {"learning_rate": jnp.exp(meta["log_lr"])}
+# The suite's canonical tiny problem (tests/helpers.py).
+_inner_loss = helpers.weighted_mlp_loss
+_problem = helpers.mlp_problem
+_hp = helpers.lr_hyperparams
 
 
 def _meta_loss(mode, opt=None, **kwargs):

@@ -35,6 +35,7 @@ from mixflow_optax.transforms._lopt import (
   learned_adam_hyperparams,
   mlp_lopt,
 )
+from mixflow_optax.transforms._reparameterize import reparameterize
 from mixflow_optax.transforms._transforms import (
   add_decayed_weights,
   clip_by_global_norm,
@@ -70,6 +71,7 @@ __all__ = [
   "nadamw",
   "named_chain",
   "rename_hyperparams",
+  "reparameterize",
   "rmsprop",
   "safe_sqrt",
   "scale",

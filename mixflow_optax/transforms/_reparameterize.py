@@ -55,6 +55,9 @@ _LEAFWISE_NAMES = (
   "signum",
   "yogi",
 )
+# Leafwise, but with per-tensor statistics (norms, factored moments): one
+# scalar per tensor, not per element.
+_PER_TENSOR_ONLY = ("adafactor", "fromage", "lamb", "lars", "novograd")
 _LEAFWISE = tuple(getattr(optax, n) for n in _LEAFWISE_NAMES if hasattr(optax, n))
 
 # Factories with a hand-written, NaN-safe reparameterised version.
@@ -104,7 +107,10 @@ def _is_scalar(value: Any) -> bool:
 
 def _hand_written_hint(name: str) -> str:
   if name in _HAND_WRITTEN:
-    return f" Use mixflow_optax.transforms.{name}, which takes per-parameter values."
+    return (
+      f" Or use the hand-written mixflow_optax.transforms.{name}, which takes "
+      "per-parameter and per-element values where they apply."
+    )
   return ""
 
 
@@ -217,6 +223,16 @@ def reparameterize(
           f"tensor independently ({', '.join(_LEAFWISE_NAMES)}). Pass scalars."
           + _hand_written_hint(name)
         )
+      if name in _PER_TENSOR_ONLY:
+        per_element = sorted(
+          k for k, v in hp.items() if any(jnp.ndim(x) for x in per_leaf(k, v, updates, owner))
+        )
+        if per_element:
+          raise ValueError(
+            f"{owner}: hyperparameter(s) {per_element} have per-element values, but "
+            f"{name} computes per-tensor statistics: give one scalar per tensor."
+            + _hand_written_hint(name)
+          )
       return _update_per_leaf(build, static, hp, updates, state, params, extra_args, owner)
 
     return ReparamTransformation(init_fn, update_fn, numeric)

@@ -6,8 +6,7 @@ optax steps, differentiated by ``jax.grad``), run for every new hand-written
 optimizer and for one optimizer wrapped by ``reparameterize``, in float64,
 for the learning rate, per-parameter rates, loss weights and MAML, in
 mixflow and standard mode. Where stock optax's meta-gradient is NaN (exactly
-zero gradient entries) the reference is central finite differences
-(tests/test_optimizers.py, ZeroGradientTest; here it is checked not to be).
+zero gradient entries) the reference is central finite differences.
 """
 
 import functools
@@ -124,6 +123,70 @@ class ExactnessTest(helpers.F64TestCase):
     self.assertTrue(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got)))
     self.assertGreater(max(float(np.max(np.abs(x))) for x in leaves), 1e-6)  # Not vacuous.
     self.assertLessEqual(_max_rel_err(got, want), 1e-10)
+
+
+# Optimizers whose stock meta-gradient is NaN when a gradient entry is exactly 0.
+_ZERO_GRAD_OPTIMIZERS = {
+  "nadam": (T.nadam, optax.nadam),
+  "amsgrad": (T.amsgrad, optax.amsgrad),
+  "adabelief_eps_root_0": (
+    lambda lr: T.adabelief(lr, eps=1e-8, eps_root=0.0),
+    lambda lr: optax.adabelief(lr, eps=1e-8, eps_root=0.0),
+  ),
+  "lamb": (T.lamb, optax.lamb),
+}
+
+
+class ZeroGradientTest(helpers.F64TestCase):
+  """Through mfo.unroll: finite, equal to central differences, where stock optax gives NaN."""
+
+  @parameterized.product(opt_name=tuple(_ZERO_GRAD_OPTIMIZERS), mode=("mixflow", "standard"))
+  def test_exactly_zero_gradient_entries(self, opt_name, mode):
+    make, make_stock = _ZERO_GRAD_OPTIMIZERS[opt_name]
+    # Feature 1 is always 0: the gradient of w[:, 1] is exactly 0 at every step.
+    params = {"w": jnp.asarray([[0.5, -1.0], [0.3, 0.7]]), "b": jnp.asarray([0.1, -0.2])}
+    xs = jnp.asarray([[[1.0, 0.0]], [[0.5, 0.0]], [[2.0, 0.0]]])
+    meta = {"target": jnp.asarray([0.2, -0.4]), "log_lr": jnp.log(0.1)}
+
+    def inner_loss(p, m, x):
+      return jnp.sum((jnp.tanh(x @ p["w"] + p["b"][None, :]) - m["target"][None, :]) ** 2)
+
+    def outer(p):
+      return jnp.sum(p["w"] ** 2) + jnp.sum(jnp.tanh(p["b"]))
+
+    opt = make(0.1)
+    run = mfo.unroll(
+      inner_loss, opt, hyperparams_fn=lambda m: {"learning_rate": jnp.exp(m["log_lr"])}, mode=mode
+    )
+
+    def meta_loss(m, p0):
+      p, _ = run(m, p0, opt.init(p0), xs)
+      return outer(p)
+
+    def stock_meta_loss(m, p0):
+      s_opt = make_stock(jnp.exp(m["log_lr"]))
+      p, s = p0, s_opt.init(p0)
+      for x in xs:
+        u, s = s_opt.update(jax.grad(inner_loss)(p, m, x), s, p)
+        p = optax.apply_updates(p, u)
+      return outer(p)
+
+    np.testing.assert_allclose(meta_loss(meta, params), stock_meta_loss(meta, params), rtol=1e-13)
+    got = jax.jit(jax.grad(meta_loss, argnums=(0, 1)))(meta, params)
+    stock = jax.grad(stock_meta_loss, argnums=(0, 1))(meta, params)
+    self.assertTrue(any(bool(jnp.any(jnp.isnan(x))) for x in jax.tree.leaves(stock)))
+    self.assertTrue(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got)))
+    # Central differences along a random direction in (meta, params0).
+    leaves, treedef = jax.tree.flatten((meta, params))
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    v = jax.tree.unflatten(
+      treedef, [jax.random.normal(k, jnp.shape(x)) for k, x in zip(keys, leaves)]
+    )
+    f = jax.jit(lambda s: meta_loss(*jax.tree.map(lambda x, d: x + s * d, (meta, params), v)))
+    fd = (f(1e-6) - f(-1e-6)) / 2e-6
+    ad = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v)))
+    np.testing.assert_allclose(float(ad), float(fd), rtol=1e-6, atol=1e-9)
+    self.assertGreater(abs(float(ad)), 1e-3)
 
 
 if __name__ == "__main__":

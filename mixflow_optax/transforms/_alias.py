@@ -289,6 +289,12 @@ def nadam(
   with :math:`m_t, v_t` as in :func:`adam`. Hyperparameters:
   ``learning_rate, b1, b2, eps, eps_root``.
 
+  Examples:
+    >>> import mixflow_optax as mfo
+    >>> opt = mfo.transforms.nadam(1e-3, stop_gradient_denominator=True)
+    >>> sorted(opt.hyperparams)
+    ['b1', 'b2', 'eps', 'eps_root', 'learning_rate']
+
   References:
     Dozat, `Incorporating Nesterov Momentum into Adam
     <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
@@ -364,6 +370,16 @@ def adabelief(
 
   Hyperparameters: ``learning_rate, b1, b2, eps, eps_root``.
 
+  Examples:
+    >>> import jax.numpy as jnp, mixflow_optax as mfo
+    >>> opt = mfo.transforms.adabelief(0.1)
+    >>> params = {"w": jnp.ones(2), "b": jnp.zeros(())}
+    >>> rates = {"w": 0.1, "b": 0.01}  # Per-parameter learning rates.
+    >>> u, _ = opt.update(params, opt.init(params), params,
+    ...                   hyperparams={"learning_rate": rates})
+    >>> u["w"]
+    Array([-0.11111038, -0.11111038], dtype=float32)
+
   References:
     Zhuang et al., `AdaBelief Optimizer: Adapting Stepsizes by the Belief in
     Observed Gradients <https://arxiv.org/abs/2010.07468>`_, 2020.
@@ -403,6 +419,11 @@ def amsgrad(
   with :math:`\hat m_t, \hat v_t` Adam's (bias-corrected) moments.
   Hyperparameters: ``learning_rate, b1, b2, eps, eps_root``.
 
+  Examples:
+    >>> import mixflow_optax as mfo
+    >>> sorted(mfo.transforms.amsgrad(1e-3).hyperparams)
+    ['b1', 'b2', 'eps', 'eps_root', 'learning_rate']
+
   References:
     Reddi et al., `On the Convergence of Adam and Beyond
     <https://arxiv.org/abs/1904.09237>`_, 2018.
@@ -435,6 +456,11 @@ def adagrad(
 
   Hyperparameters: ``learning_rate, eps`` (``initial_accumulator_value``
   only sets :math:`G_0` in ``init``).
+
+  Examples:
+    >>> import mixflow_optax as mfo
+    >>> sorted(mfo.transforms.adagrad(0.1).hyperparams)
+    ['eps', 'learning_rate']
 
   References:
     Duchi et al., `Adaptive Subgradient Methods for Online Learning and
@@ -547,6 +573,11 @@ def lamb(
   Hyperparameters: ``learning_rate, b1, b2, eps, eps_root, weight_decay``.
   Per-tensor norms are differentiated exactly and finitely, also for tensors
   whose update or parameters are exactly zero (see :func:`scale_by_trust_ratio`).
+
+  Examples:
+    >>> import mixflow_optax as mfo
+    >>> sorted(mfo.transforms.lamb(1e-3, weight_decay=0.01).hyperparams)
+    ['b1', 'b2', 'eps', 'eps_root', 'learning_rate', 'weight_decay']
 
   References:
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in

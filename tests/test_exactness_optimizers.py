@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax.contrib
 from absl.testing import absltest, parameterized
 from test_exactness import (
   LR,
@@ -52,6 +53,7 @@ OPTIMIZERS = {
     lambda lr: optax.adafactor(lr, min_dim_size_to_factor=2),
   ),
   "lamb": (lambda lr: T.lamb(lr, weight_decay=0.1), lambda lr: optax.lamb(lr, weight_decay=0.1)),
+  "muon": (T.muon, optax.contrib.muon),
   "reparameterize_yogi": (
     lambda lr: T.reparameterize(optax.yogi)(learning_rate=lr),
     optax.yogi,

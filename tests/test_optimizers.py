@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax.contrib
 from absl.testing import absltest, parameterized
 from flax import nnx
 from test_transforms import (
@@ -100,6 +101,23 @@ _OPTIMIZERS = {
     functools.partial(T.lamb, learning_rate=0.05, weight_decay=0.01),
     functools.partial(optax.lamb, learning_rate=0.05, weight_decay=0.01),
   ),
+  # Muon on the matrix, AdamW on the bias (optax.partition state).
+  "muon": (
+    functools.partial(T.muon, learning_rate=0.05),
+    functools.partial(optax.contrib.muon, learning_rate=0.05),
+  ),
+  "muon_weight_decay_adam_rate": (
+    functools.partial(
+      T.muon, learning_rate=0.05, weight_decay=0.1, adam_learning_rate=0.02, nesterov=False
+    ),
+    functools.partial(
+      optax.contrib.muon,
+      learning_rate=0.05,
+      weight_decay=0.1,
+      adam_learning_rate=0.02,
+      nesterov=False,
+    ),
+  ),
 }
 _NAMES = tuple((name, name) for name in _OPTIMIZERS)
 
@@ -117,6 +135,8 @@ _OVERRIDES = {
   "adafactor": {"learning_rate": 0.02, "decay_rate": 0.7, "eps": 1e-20, "clipping_threshold": 0.5},
   "adafactor_factored": {"decay_rate": 0.7, "momentum": 0.8, "weight_decay_rate": 0.1},
   "lamb": {"learning_rate": 0.02, "b1": 0.8, "b2": 0.95, "eps": 1e-4, "weight_decay": 0.1},
+  "muon": {"learning_rate": 0.02, "beta": 0.8, "eps": 1e-4, "weight_decay": 0.1, "adam_b1": 0.8},
+  "muon_weight_decay_adam_rate": {"adam_learning_rate": 0.05, "adam_b2": 0.9},
 }
 
 
@@ -326,6 +346,8 @@ _FD_CASES = (
   ),
   ("lamb_b1", lambda: T.lamb(0.1, eps=1e-3), "b1", 0.9),
   ("lamb_weight_decay", lambda: T.lamb(0.1, weight_decay=0.1), "weight_decay", 0.1),
+  ("muon_beta", lambda: T.muon(0.1), "beta", 0.9),
+  ("muon_weight_decay", lambda: T.muon(0.1, weight_decay=0.1), "weight_decay", 0.1),
 )
 
 
@@ -382,6 +404,7 @@ _TRAP_OPTIMIZERS = {
   ),
   "lamb": (T.lamb, optax.lamb),
   "lion": (T.lion, optax.lion),
+  "muon": (T.muon, optax.contrib.muon),
 }
 # Where plain autodiff through stock optax gives NaN (zeros="some": one dead
 # input, so a row of the weight gradient is exactly 0; "all": every gradient).
@@ -395,6 +418,7 @@ _STOCK_IS_NAN = {
   ("adafactor", "all"),
   ("lamb", "some"),
   ("lamb", "all"),
+  ("muon", "all"),
 }
 
 

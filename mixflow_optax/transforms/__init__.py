@@ -35,6 +35,7 @@ from mixflow_optax.transforms._lopt import (
   learned_adam_hyperparams,
   mlp_lopt,
 )
+from mixflow_optax.transforms._muon import muon, scale_by_muon
 from mixflow_optax.transforms._reparameterize import reparameterize
 from mixflow_optax.transforms._transforms import (
   add_decayed_weights,
@@ -67,6 +68,7 @@ __all__ = [
   "learned_adam_hyperparams",
   "lion",
   "mlp_lopt",
+  "muon",
   "nadam",
   "nadamw",
   "named_chain",
@@ -81,6 +83,7 @@ __all__ = [
   "scale_by_factored_rms",
   "scale_by_learning_rate",
   "scale_by_lion",
+  "scale_by_muon",
   "scale_by_rms",
   "scale_by_rss",
   "scale_by_stddev",

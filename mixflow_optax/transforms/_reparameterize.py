@@ -70,6 +70,7 @@ _HAND_WRITTEN = (
   "amsgrad",
   "lamb",
   "lion",
+  "muon",
   "nadam",
   "nadamw",
   "rmsprop",

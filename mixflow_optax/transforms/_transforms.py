@@ -82,6 +82,11 @@ def _safe_sqrt_jvp(primals, tangents):
   return y, jnp.where(pos, t / denom, jnp.zeros_like(t))
 
 
+def _denominator_root(x: jax.Array, stop_gradient: bool) -> jax.Array:
+  """``sqrt(x)`` of an Adam-family denominator: exact (:func:`safe_sqrt`) or gradient-stopped."""
+  return jnp.sqrt(jax.lax.stop_gradient(x)) if stop_gradient else safe_sqrt(x)
+
+
 def _owner(name: str) -> str:
   return f"mixflow_optax.transforms.{name}"
 
@@ -223,6 +228,7 @@ def scale_by_adam(
   mu_dtype: Any | None = None,
   *,
   nesterov: bool = False,
+  stop_gradient_denominator: bool = False,
 ) -> ReparamTransformation:
   r"""Adam's rescaling (hyperparameters ``b1, b2, eps, eps_root``), as :func:`optax.scale_by_adam`.
 
@@ -244,6 +250,12 @@ def scale_by_adam(
     eps_root: added inside the square root.
     mu_dtype: optional dtype of the first moment.
     nesterov: whether to use Nesterov momentum (NAdam).
+    stop_gradient_denominator: if True, no derivative flows through
+      :math:`\sqrt{\hat v_t + \epsilon_{root}}` (it is treated as a
+      constant, :func:`jax.lax.stop_gradient`). Forward values are unchanged;
+      meta-gradients become an approximation that drops the second-moment
+      path, trading exactness for stability (as in DiscoRL's meta-learned
+      Adam). Default False: exact.
 
   References:
     Kingma & Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, 2014.
@@ -275,7 +287,7 @@ def scale_by_adam(
       else:
         m_hat = _bias_correction(m, b1, count_inc)
       v_hat = _bias_correction(v, b2, count_inc)
-      u = m_hat / (safe_sqrt(v_hat + eps_root) + eps)
+      u = m_hat / (_denominator_root(v_hat + eps_root, stop_gradient_denominator) + eps)
       return u.astype(g.dtype), m.astype(m_dtype), v.astype(v_dtype)
 
     outs = leaf_results(leaf, updates, state.mu, state.nu, *cols)

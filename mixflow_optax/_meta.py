@@ -9,6 +9,7 @@ r"""The meta-optimizer: one object that owns the inner and the outer optimisatio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -421,8 +422,5 @@ def meta_optimizer(
   meta = _Meta(
     spec, make_run(spec), outer_loss, outer_opt, init_params_fn, reset_inner, batched_tasks
   )
-  init = lambda meta_params, params=None, model_state=None: _init(
-    meta, meta_params, params, model_state
-  )
-  step = _checked_step(meta) if check_finite else (lambda *a: _step(meta, *a))
-  return MetaOptimizer(init=init, step=step)
+  step = _checked_step(meta) if check_finite else functools.partial(_step, meta)
+  return MetaOptimizer(init=functools.partial(_init, meta), step=step)

@@ -23,10 +23,15 @@ from mixflow_optax.transforms._alias import (
   sgd,
 )
 from mixflow_optax.transforms._base import (
+  PerLeaf,
   ReparamTransformation,
   chain,
+  leaf_results,
+  map_leaves,
   named_chain,
+  per_leaf,
   rename_hyperparams,
+  resolve_hyperparams,
 )
 from mixflow_optax.transforms._factorized import clip_by_block_rms, scale_by_factored_rms
 from mixflow_optax.transforms._lopt import (
@@ -51,6 +56,7 @@ from mixflow_optax.transforms._transforms import (
 
 __all__ = [
   "MLPLOptState",
+  "PerLeaf",
   "ReparamTransformation",
   "adabelief",
   "adafactor",
@@ -66,14 +72,18 @@ __all__ = [
   "init_learned_adam_meta",
   "lamb",
   "learned_adam_hyperparams",
+  "leaf_results",
   "lion",
+  "map_leaves",
   "mlp_lopt",
   "muon",
   "nadam",
   "nadamw",
   "named_chain",
+  "per_leaf",
   "rename_hyperparams",
   "reparameterize",
+  "resolve_hyperparams",
   "rmsprop",
   "safe_sqrt",
   "scale",

@@ -10,16 +10,19 @@ r"""The meta-optimizer: one object that owns the inner and the outer optimisatio
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
+from mixflow_optax import _forward
 from mixflow_optax._checks import check_finite_leaves, first_non_float_leaf
 from mixflow_optax._fwdrev import Fallback
-from mixflow_optax._unroll import Mode, unroll
+from mixflow_optax._unroll import unroll
+
+MetaMode = Literal["mixflow", "standard", "first_order", "forward"]
 
 __all__ = ["MetaState", "MetaOptimizer", "meta_optimizer"]
 
@@ -39,6 +42,10 @@ class MetaState(NamedTuple):
     count: number of meta-steps taken (int32).
     model_state: the model's non-parameter state (e.g. BatchNorm statistics)
       with ``has_model_state=True``, else None (same rules as ``params``).
+    tangents: with ``mode="forward", carry_tangents=True``, the
+      :class:`~mixflow_optax._forward.ForwardTangents` of ``params``,
+      ``inner_state`` and ``model_state`` with respect to ``meta_params``
+      (leading axis: meta-parameter elements), else None.
   """
 
   meta_params: Any
@@ -47,6 +54,7 @@ class MetaState(NamedTuple):
   outer_state: optax.OptState
   count: jax.Array
   model_state: Any = None
+  tangents: Any = None
 
 
 class MetaOptimizer(NamedTuple):
@@ -80,7 +88,7 @@ def meta_optimizer(
   outer_opt: optax.GradientTransformation,
   *,
   hyperparams_fn: Callable[[Any], dict[str, Any]] | None = None,
-  mode: Mode = "mixflow",
+  mode: MetaMode = "mixflow",
   reset_inner: bool = False,
   init_params_fn: Callable[[Any], optax.Params] | None = None,
   batched_tasks: bool = False,
@@ -90,6 +98,8 @@ def meta_optimizer(
   has_model_state: bool = False,
   check_finite: bool = False,
   checkpoint_every: int | Sequence[int] | None = None,
+  carry_tangents: bool = False,
+  max_forward_elements: int = _forward.DEFAULT_MAX_FORWARD_ELEMENTS,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -116,8 +126,14 @@ def meta_optimizer(
     hyperparams_fn: ``meta_params -> dict`` of inner hyperparameters, as in
       :func:`mixflow_optax.unroll`; use ``jnp.exp`` / ``jax.nn.sigmoid`` for
       positivity or a range.
-    mode: ``"mixflow"`` (default), ``"standard"`` or ``"first_order"`` (the
-      first-order MAML **approximation**: second-order terms are dropped).
+    mode: ``"mixflow"`` (default), ``"standard"``, ``"first_order"`` (the
+      first-order MAML **approximation**: second-order terms are dropped) or
+      ``"forward"``: the same exact meta-gradient by forward mode, one
+      Jacobian-vector product per meta-parameter element, with memory
+      independent of T (for a few hyperparameters over long horizons; see
+      ``docs/forward_mode.md``). ``remat``, ``save_inner_grads``,
+      ``fallback`` and ``checkpoint_every`` have no effect there: forward
+      mode stores nothing across inner steps.
     reset_inner: start every step from the ``params`` given to ``init`` and a
       fresh inner optimizer state, instead of carrying them over.
     init_params_fn: MAML: ``meta_params -> params``, the learned
@@ -142,7 +158,18 @@ def meta_optimizer(
       cotangent in the backward pass; the outer loss; a meta-gradient leaf).
       ``step`` then compiles itself: call it without ``jax.jit`` (under
       ``jax.jit`` it must be wrapped in ``checkify.checkify``, whose error
-      you ``.throw()``). Off by default: the checks cost time.
+      you ``.throw()``). Off by default: the checks cost time. Not available
+      with ``mode="forward"``.
+    carry_tangents: with ``mode="forward"`` and online meta-learning: keep
+      the tangents :math:`d\theta/d\eta`, :math:`ds/d\eta` (and the model
+      state's) in ``MetaState.tangents`` from step to step, so that the
+      meta-gradient of step k is that of the outer loss through all
+      :math:`kT` inner steps since ``init`` (no truncation), holding
+      :math:`\eta` fixed along the way: exact when ``outer_opt`` makes no
+      update, otherwise the real-time approximation of Franceschi et al.
+      (2017), whose tangents mix the meta-parameters of past steps.
+    max_forward_elements: ``mode="forward"`` raises if ``meta_params`` has
+      more elements than this (its cost is one JVP per element).
 
   Returns:
     A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
@@ -178,6 +205,12 @@ def meta_optimizer(
     raise TypeError(
       f"outer_opt must be an optax GradientTransformation, got {type(outer_opt).__name__}."
     )
+  _forward.check_forward_options(
+    carry_tangents=carry_tangents, resets=resets, check_finite=check_finite, mode=mode
+  )
+  forward = mode == "forward"
+  if forward:  # jax.jvp of the plain unroll: its inner gradient becomes forward-over-reverse.
+    mode, remat, checkpoint_every = "standard", False, None
   run = unroll(
     inner_loss,
     inner_opt,
@@ -214,13 +247,19 @@ def meta_optimizer(
       params = init_params_fn(meta_params)
     elif params is None:
       raise ValueError("init(meta_params, params): params is required without init_params_fn.")
+    inner_state = inner_opt.init(params)
+    tangents = None
+    if carry_tangents:
+      n = _forward.forward_size(meta_params, max_forward_elements)
+      tangents = _forward.zero_tangents(n, params, inner_state, model_state)
     return MetaState(
       meta_params=meta_params,
       params=params,
-      inner_state=inner_opt.init(params),
+      inner_state=inner_state,
       outer_state=outer_opt.init(meta_params),
       count=jnp.zeros([], jnp.int32),
       model_state=model_state,
+      tangents=tangents,
     )
 
   def task_loss(meta_params, params, inner_state, model_state, inner_batches, outer_batch):
@@ -248,10 +287,21 @@ def meta_optimizer(
     return value, (params_T, state_T, model_state_T, losses)
 
   value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
+  if forward:
+    forward_value_and_grad = _forward.forward_value_and_grad(task_loss, max_forward_elements)
+
+    def value_and_grad(*args):  # noqa: F811 - the forward-mode replacement
+      aux_and_value, grads, _ = forward_value_and_grad(*args[:4], None, *args[4:])
+      return aux_and_value, grads
 
   def step_impl(state: MetaState, inner_batches, outer_batch):
     args = (state.meta_params, state.params, state.inner_state, state.model_state)
-    if batched_tasks:
+    tangents = None
+    if carry_tangents:
+      (value, (params_T, state_T, model_state_T, losses)), grads, tangents = forward_value_and_grad(
+        *args, state.tangents, inner_batches, outer_batch
+      )
+    elif batched_tasks:
       (values, (params_T, state_T, model_state_T, losses)), grads = jax.vmap(
         lambda ib, ob: value_and_grad(*args, ib, ob)
       )(inner_batches, outer_batch)
@@ -292,6 +342,7 @@ def meta_optimizer(
       outer_state=outer_state,
       count=optax.safe_increment(state.count),
       model_state=model_state,
+      tangents=tangents,
     )
     return new_state, metrics
 

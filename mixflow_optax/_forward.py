@@ -1,0 +1,198 @@
+r"""Forward-mode meta-gradients: few meta-parameters, any horizon, constant memory.
+
+For :math:`n` meta-parameters :math:`\eta \in \mathbb{R}^n`, the tangents
+:math:`Z_t = d\theta_t / d\eta` and :math:`S_t = ds_t / d\eta` (and those of
+the model state) are propagated next to the inner state:
+
+.. math::
+
+  Z_{t+1} = \frac{\partial \theta_{t+1}}{\partial \theta_t} Z_t
+    + \frac{\partial \theta_{t+1}}{\partial s_t} S_t
+    + \frac{\partial \theta_{t+1}}{\partial \eta}, \qquad
+  \nabla_\eta V = Z_T^\top \nabla_\theta V + \frac{\partial V}{\partial \eta},
+
+one Jacobian-vector product of the inner step per meta-parameter element
+(batched with ``vmap``). The second-order part of each product,
+:math:`\partial_\varepsilon \nabla_\theta L(\theta_t + \varepsilon z, \eta + \varepsilon e)`,
+is the forward-over-reverse Hessian-vector product that MixFlow-MG is built
+on. Nothing is stored across steps: memory is independent of :math:`T`,
+compute is :math:`n` times one HVP per step.
+
+Carried across meta-steps (``carry_tangents=True``), :math:`Z` and :math:`S`
+give the meta-gradient through the whole training run since ``init``
+(real-time hyperparameter optimisation): no truncation, hence no
+short-horizon bias.
+
+References:
+  Franceschi, Donini, Frasconi, Pontil, `Forward and Reverse Gradient-Based
+  Hyperparameter Optimization <https://arxiv.org/abs/1703.01785>`_, ICML 2017
+  (Section 3, forward mode; Section 4, real-time HO).
+
+  Wu, Ren, Liao, Grosse, `Understanding Short-Horizon Bias in Stochastic
+  Meta-Optimization <https://arxiv.org/abs/1803.02021>`_, ICLR 2018.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from mixflow_optax._checks import is_float
+
+__all__ = [
+  "DEFAULT_MAX_FORWARD_ELEMENTS",
+  "ForwardTangents",
+  "check_forward_options",
+  "forward_size",
+  "forward_value_and_grad",
+  "zero_tangents",
+]
+
+#: Default limit on the number of meta-parameter elements in forward mode.
+DEFAULT_MAX_FORWARD_ELEMENTS = 1000
+
+
+class ForwardTangents(NamedTuple):
+  """Carried tangents of ``meta_optimizer(..., mode="forward", carry_tangents=True)``.
+
+  Every leaf has a leading axis of length :math:`n`, the number of
+  meta-parameter elements (in ``jax.flatten_util.ravel_pytree`` order): entry
+  ``i`` is the derivative of that leaf with respect to meta-parameter element
+  ``i``, through every inner step since ``init``. Leaves of integer primals
+  (step counters) hold zeros of the primal's dtype.
+
+  Attributes:
+    params: :math:`d\\theta / d\\eta`, the tangents of ``MetaState.params``.
+    inner_state: :math:`ds / d\\eta`, those of ``MetaState.inner_state``.
+    model_state: those of ``MetaState.model_state`` (None without model
+      state).
+  """
+
+  params: Any
+  inner_state: Any
+  model_state: Any = None
+
+
+def forward_size(meta_params: Any, max_elements: int) -> int:
+  """The number of meta-parameter elements; raises if forward mode would be too costly."""
+  n = sum(int(np.size(x)) for x in jax.tree.leaves(meta_params))
+  if n > max_elements:
+    raise ValueError(
+      f"mode='forward' computes one Jacobian-vector product of the whole unroll per "
+      f"meta-parameter element: meta_params has {n} elements, so one meta-gradient "
+      f"would cost {n} forward passes (and carry {n} tangent copies of the inner "
+      "state). Use a reverse mode (mode='mixflow', the default, or 'standard'), "
+      "whose cost does not grow with the number of meta-parameters, or raise "
+      f"max_forward_elements (now {max_elements}) if this is intended."
+    )
+  return n
+
+
+def check_forward_options(
+  *, carry_tangents: bool, resets: bool, check_finite: bool, mode: str
+) -> None:
+  """Rejects option combinations that forward mode cannot honour."""
+  if carry_tangents and mode != "forward":
+    raise ValueError(
+      f"carry_tangents=True needs mode='forward' (got mode={mode!r}): only forward mode "
+      "carries the tangents d(params)/d(meta_params) from one step to the next."
+    )
+  if carry_tangents and resets:
+    raise ValueError(
+      "carry_tangents=True is for online meta-learning, where each step continues "
+      "the previous inner run; with reset_inner=True or init_params_fn every step "
+      "restarts, so there is nothing to carry. Drop carry_tangents."
+    )
+  if check_finite and mode == "forward":
+    raise ValueError(
+      "check_finite=True watches the reverse pass, which mode='forward' does not "
+      "have. Debug non-finite meta-gradients with mode='standard' (the same "
+      "meta-gradient by reverse mode)."
+    )
+
+
+def _tangent_in(primal: Any, tangent: Any) -> Any:
+  # Integer leaves (step counters) take float0 tangents in jax.jvp.
+  return jax.tree.map(
+    lambda x, t: t if is_float(x) else np.zeros(jnp.shape(x), jax.dtypes.float0), primal, tangent
+  )
+
+
+def _tangent_out(primal: Any, tangent: Any, n: int) -> Any:
+  # Store integer leaves' (float0) tangents as zeros: an ordinary array pytree.
+  return jax.tree.map(
+    lambda x, t: t if is_float(x) else jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)),
+    primal,
+    tangent,
+  )
+
+
+def zero_tangents(n: int, params: Any, inner_state: Any, model_state: Any) -> ForwardTangents:
+  """Tangents of the starting point, which does not depend on the meta-parameters."""
+
+  def zeros(tree):
+    return jax.tree.map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)), tree)
+
+  return ForwardTangents(zeros(params), zeros(inner_state), zeros(model_state))
+
+
+def forward_value_and_grad(
+  task_loss: Callable[..., tuple[jax.Array, Any]], max_elements: int
+) -> Callable[..., tuple[tuple[jax.Array, Any], Any, ForwardTangents | None]]:
+  r"""Forward-mode ``value_and_grad`` of a meta-learning task loss.
+
+  Args:
+    task_loss: ``task_loss(meta_params, params, inner_state, model_state,
+      *batches) -> (value, (params_T, state_T, model_state_T, losses))``.
+    max_elements: the largest number of meta-parameter elements accepted.
+
+  Returns:
+    ``fn(meta_params, params, inner_state, model_state, tangents, *batches)
+    -> ((value, aux), grads, new_tangents)``. ``tangents`` (a
+    :class:`ForwardTangents`) are the derivatives of the starting point with
+    respect to the meta-parameters; with None the starting point is held
+    constant (truncated meta-gradient) and ``new_tangents`` is None.
+    ``grads`` has the structure of ``meta_params``.
+  """
+
+  def fn(meta_params, params, inner_state, model_state, tangents, *batches):
+    n = forward_size(meta_params, max_elements)
+    flat, unravel = ravel_pytree(meta_params)
+    basis = jnp.eye(n, dtype=flat.dtype)
+    start = (params, inner_state, model_state)
+
+    def outputs(meta_params, params, inner_state, model_state):
+      value, (params_T, state_T, model_state_T, losses) = task_loss(
+        meta_params, params, inner_state, model_state, *batches
+      )
+      return (value, (params_T, state_T, model_state_T)), losses
+
+    if tangents is None:
+
+      def jvp(e):
+        return jax.jvp(lambda m: outputs(m, *start), (meta_params,), (unravel(e),), has_aux=True)
+
+      # The primal outputs do not depend on the tangent: computed once (out_axes None).
+      primal, (value_dot, _), losses = jax.vmap(jvp, out_axes=(None, 0, None))(basis)
+      new_tangents = None
+    else:
+      carried = (tangents.params, tangents.inner_state, tangents.model_state)
+
+      def jvp(e, carried):
+        tangents_in = (unravel(e),) + tuple(map(_tangent_in, start, carried))
+        return jax.jvp(outputs, (meta_params, *start), tangents_in, has_aux=True)
+
+      primal, (value_dot, carry_dot), losses = jax.vmap(jvp, out_axes=(None, 0, None))(
+        basis, carried
+      )
+      new_tangents = ForwardTangents(*map(_tangent_out, primal[1], carry_dot, (n, n, n)))
+    value, carry_T = primal
+    grads = unravel(value_dot.astype(flat.dtype))
+    return (value, (*carry_T, losses)), grads, new_tangents
+
+  return fn

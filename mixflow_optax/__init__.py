@@ -2,6 +2,7 @@
 with mixed-mode (forward-over-reverse) differentiation (MixFlow-MG)."""
 
 from mixflow_optax import transforms
+from mixflow_optax._forward import ForwardTangents
 from mixflow_optax._fwdrev import ForwardModeError, fwdrev_grad, fwdrev_value_and_grad
 from mixflow_optax._memory import CompiledMemory, compiled_memory, peak_memory
 from mixflow_optax._meta import MetaOptimizer, MetaState, meta_optimizer
@@ -13,6 +14,7 @@ __all__ = [
   "CompiledMemory",
   "INNER_GRAD_NAME",
   "ForwardModeError",
+  "ForwardTangents",
   "MetaOptimizer",
   "MetaState",
   "compiled_memory",

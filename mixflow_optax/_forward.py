@@ -71,6 +71,26 @@ class ForwardTangents(NamedTuple):
     inner_state: :math:`ds / d\\eta`, those of ``MetaState.inner_state``.
     model_state: those of ``MetaState.model_state`` (None without model
       state).
+
+  Examples:
+    Learn SGD's log learning rate online, each meta-gradient taken through
+    every inner step since ``init``:
+
+    >>> import jax, jax.numpy as jnp, optax, mixflow_optax as mfo
+    >>> loss = lambda w, meta, xy: jnp.mean((xy[0] * w - xy[1]) ** 2)
+    >>> mo = mfo.meta_optimizer(
+    ...     loss, loss, mfo.transforms.sgd(0.1), optax.adam(0.01),
+    ...     hyperparams_fn=lambda m: {"learning_rate": jnp.exp(m)},
+    ...     mode="forward", carry_tangents=True)
+    >>> state = mo.init(jnp.log(0.1), jnp.asarray(0.0))
+    >>> xs = jnp.linspace(0.1, 1.0, 20).reshape(5, 4)
+    >>> step = jax.jit(mo.step)
+    >>> for _ in range(3):
+    ...   state, metrics = step(state, (xs, 2 * xs), (xs[0], 2 * xs[0]))
+    >>> state.tangents.params.shape  # d(params)/d(meta_params): one row per meta-parameter
+    (1,)
+    >>> bool(state.meta_params > jnp.log(0.1))  # a larger learning rate helps here
+    True
   """
 
   params: Any

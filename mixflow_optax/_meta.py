@@ -43,7 +43,7 @@ class MetaState(NamedTuple):
     model_state: the model's non-parameter state (e.g. BatchNorm statistics)
       with ``has_model_state=True``, else None (same rules as ``params``).
     tangents: with ``mode="forward", carry_tangents=True``, the
-      :class:`~mixflow_optax._forward.ForwardTangents` of ``params``,
+      :class:`~mixflow_optax.ForwardTangents` of ``params``,
       ``inner_state`` and ``model_state`` with respect to ``meta_params``
       (leading axis: meta-parameter elements), else None.
   """

@@ -256,7 +256,8 @@ class CarriedTangentsTest(helpers.F64TestCase):
 
 
 class MemoryTest(helpers.TestCase):
-  def test_compiled_memory_is_flat_in_T(self):
+  @parameterized.named_parameters(("truncated", False), ("carried", True))
+  def test_compiled_memory_is_flat_in_T(self, carry):
     params = {"w1": jnp.zeros((16, 64)), "b1": jnp.zeros(64), "w2": jnp.zeros((64, 1))}
     mo = mfo.meta_optimizer(
       _mse,
@@ -265,7 +266,7 @@ class MemoryTest(helpers.TestCase):
       optax.adam(0.01),
       hyperparams_fn=_exp_lr,
       mode="forward",
-      carry_tangents=True,
+      carry_tangents=carry,
     )
     state = mo.init({"log_lr": jnp.log(0.01)}, params)
     outer = (jnp.zeros((32, 16)), jnp.zeros((32, 1)))

@@ -54,6 +54,18 @@ CASES = {
     {"log_lr": np.log(0.1), "momentum": np.asarray(0.8)},
     lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "momentum": m["momentum"]},
   ),
+  "nesterov": (
+    mfo.transforms.sgd(0.1, momentum=0.9, nesterov=True),
+    _mse,
+    {"log_lr": np.log(0.05), "momentum": np.asarray(0.7)},
+    lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "momentum": m["momentum"]},
+  ),
+  "stock_clip_in_chain": (
+    mfo.transforms.chain(optax.clip_by_global_norm(0.3), mfo.transforms.rmsprop(0.1, momentum=0.5)),
+    _mse,
+    {"log_lr": np.log(0.02)},
+    _exp_lr,
+  ),
   "adam_betas": (
     mfo.transforms.adam(0.1),
     _mse,

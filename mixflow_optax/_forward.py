@@ -172,15 +172,15 @@ def forward_value_and_grad(
     max_elements: the largest number of meta-parameter elements accepted.
 
   Returns:
-    ``fn(meta_params, params, inner_state, model_state, tangents, *batches)
-    -> ((value, aux), grads, new_tangents)``. ``tangents`` (a
+    ``fn(meta_params, params, inner_state, model_state, *batches,
+    tangents=None) -> ((value, aux), grads, new_tangents)``. ``tangents`` (a
     :class:`ForwardTangents`) are the derivatives of the starting point with
     respect to the meta-parameters; with None the starting point is held
     constant (truncated meta-gradient) and ``new_tangents`` is None.
     ``grads`` has the structure of ``meta_params``.
   """
 
-  def fn(meta_params, params, inner_state, model_state, tangents, *batches):
+  def fn(meta_params, params, inner_state, model_state, *batches, tangents=None):
     n = forward_size(meta_params, max_elements)
     flat, unravel = ravel_pytree(meta_params)
     basis = jnp.eye(n, dtype=flat.dtype)

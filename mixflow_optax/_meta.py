@@ -286,20 +286,21 @@ def meta_optimizer(
       )
     return value, (params_T, state_T, model_state_T, losses)
 
-  value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
   if forward:
     forward_value_and_grad = _forward.forward_value_and_grad(task_loss, max_forward_elements)
 
-    def value_and_grad(*args):  # noqa: F811 - the forward-mode replacement
-      aux_and_value, grads, _ = forward_value_and_grad(*args[:4], None, *args[4:])
-      return aux_and_value, grads
+    def value_and_grad(*args):
+      return forward_value_and_grad(*args)[:2]
+
+  else:
+    value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
 
   def step_impl(state: MetaState, inner_batches, outer_batch):
     args = (state.meta_params, state.params, state.inner_state, state.model_state)
     tangents = None
     if carry_tangents:
       (value, (params_T, state_T, model_state_T, losses)), grads, tangents = forward_value_and_grad(
-        *args, state.tangents, inner_batches, outer_batch
+        *args, inner_batches, outer_batch, tangents=state.tangents
       )
     elif batched_tasks:
       (values, (params_T, state_T, model_state_T, losses)), grads = jax.vmap(

@@ -42,16 +42,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mixflow_optax._checks import is_float
+from mixflow_optax._checks import check_bool, check_positive_int, is_float
+from mixflow_optax._config import MODES
+from mixflow_optax._unroll import UnrollResult
 
 __all__ = [
   "DEFAULT_MAX_FORWARD_ELEMENTS",
+  "ForwardSpec",
   "ForwardTangents",
-  "check_forward_options",
+  "carried_value_and_grad",
   "forward_size",
-  "forward_value_and_grad",
-  "zero_tangents",
+  "forward_spec",
+  "initial_tangents",
+  "value_and_grad",
 ]
+
+_OWNER = "mixflow_optax.meta_optimizer"
 
 #: Default limit on the number of meta-parameter elements in forward mode.
 DEFAULT_MAX_FORWARD_ELEMENTS = 1000
@@ -113,27 +119,41 @@ def forward_size(meta_params: Any, max_elements: int) -> int:
   return n
 
 
-def check_forward_options(
-  *, carry_tangents: bool, resets: bool, check_finite: bool, mode: str
-) -> None:
-  """Rejects option combinations that forward mode cannot honour."""
+class ForwardSpec(NamedTuple):
+  """The forward-mode options of a meta-optimizer, checked once by :func:`forward_spec`."""
+
+  carry_tangents: bool
+  max_elements: int
+
+
+def forward_spec(
+  mode: str, *, carry_tangents: bool, max_elements: int, resets: bool, check_finite: bool
+) -> ForwardSpec | None:
+  """Checks the forward-mode options; None unless ``mode == "forward"``."""
+  check_bool(_OWNER, "carry_tangents", carry_tangents)
+  max_elements = check_positive_int(_OWNER, "max_forward_elements", max_elements)
+  if mode not in (*MODES, "forward"):
+    raise ValueError(f"mode must be one of {(*MODES, 'forward')}, got {mode!r}.")
   if carry_tangents and mode != "forward":
     raise ValueError(
       f"carry_tangents=True needs mode='forward' (got mode={mode!r}): only forward mode "
       "carries the tangents d(params)/d(meta_params) from one step to the next."
     )
+  if mode != "forward":
+    return None
   if carry_tangents and resets:
     raise ValueError(
       "carry_tangents=True is for online meta-learning, where each step continues "
       "the previous inner run; with reset_inner=True or init_params_fn every step "
       "restarts, so there is nothing to carry. Drop carry_tangents."
     )
-  if check_finite and mode == "forward":
+  if check_finite:
     raise ValueError(
       "check_finite=True watches the reverse pass, which mode='forward' does not "
       "have. Debug non-finite meta-gradients with mode='standard' (the same "
       "meta-gradient by reverse mode)."
     )
+  return ForwardSpec(bool(carry_tangents), max_elements)
 
 
 def _tangent_in(primal: Any, tangent: Any) -> Any:
@@ -152,8 +172,13 @@ def _tangent_out(primal: Any, tangent: Any, n: int) -> Any:
   )
 
 
-def zero_tangents(n: int, params: Any, inner_state: Any, model_state: Any) -> ForwardTangents:
-  """Tangents of the starting point, which does not depend on the meta-parameters."""
+def initial_tangents(
+  spec: ForwardSpec | None, meta_params: Any, params: Any, inner_state: Any, model_state: Any
+) -> ForwardTangents | None:
+  """Zero tangents of the starting point (it does not depend on the meta-parameters)."""
+  if spec is None or not spec.carry_tangents:
+    return None
+  n = forward_size(meta_params, spec.max_elements)
 
   def zeros(tree):
     return jax.tree.map(lambda x: jnp.zeros((n,) + jnp.shape(x), jnp.result_type(x)), tree)
@@ -161,58 +186,83 @@ def zero_tangents(n: int, params: Any, inner_state: Any, model_state: Any) -> Fo
   return ForwardTangents(zeros(params), zeros(inner_state), zeros(model_state))
 
 
-def forward_value_and_grad(
-  task_loss: Callable[..., tuple[jax.Array, Any]], max_elements: int
-) -> Callable[..., tuple[tuple[jax.Array, Any], Any, ForwardTangents | None]]:
-  r"""Forward-mode ``value_and_grad`` of a meta-learning task loss.
+def _jvp_meta(
+  spec: ForwardSpec,
+  task_loss: Callable[..., tuple[jax.Array, UnrollResult]],
+  args: tuple,
+  batches: tuple,
+  tangents: ForwardTangents | None,
+) -> tuple[jax.Array, UnrollResult, Any, ForwardTangents | None]:
+  """One JVP of the task loss per meta-parameter element, batched with ``vmap``."""
+  meta_params, *start = args
+  n = forward_size(meta_params, spec.max_elements)
+  flat, unravel = ravel_pytree(meta_params)
+  basis = jnp.eye(n, dtype=flat.dtype)
+
+  def outputs(meta_params, params, inner_state, model_state):
+    value, result = task_loss(meta_params, params, inner_state, model_state, *batches)
+    return (value, (result.params, result.opt_state, result.model_state)), result.losses
+
+  if tangents is None:  # the starting point is held constant: truncated meta-gradient
+
+    def jvp(e):
+      return jax.jvp(lambda m: outputs(m, *start), (meta_params,), (unravel(e),), has_aux=True)
+
+    # The primal outputs do not depend on the tangent: computed once (out_axes None).
+    primal, (value_dot, _), losses = jax.vmap(jvp, out_axes=(None, 0, None))(basis)
+    new_tangents = None
+  else:
+    carried = (tangents.params, tangents.inner_state, tangents.model_state)
+
+    def jvp(e, carried):
+      tangents_in = (unravel(e),) + tuple(map(_tangent_in, start, carried))
+      return jax.jvp(outputs, (meta_params, *start), tangents_in, has_aux=True)
+
+    primal, (value_dot, carry_dot), losses = jax.vmap(jvp, out_axes=(None, 0, None))(basis, carried)
+    new_tangents = ForwardTangents(*map(_tangent_out, primal[1], carry_dot, (n, n, n)))
+  value, carry_T = primal
+  grads = unravel(value_dot.astype(flat.dtype))
+  return value, UnrollResult(*carry_T, losses), grads, new_tangents
+
+
+def value_and_grad(
+  spec: ForwardSpec, task_loss: Callable[..., tuple[jax.Array, UnrollResult]]
+) -> Callable[..., tuple[tuple[jax.Array, UnrollResult], Any]]:
+  """Forward-mode ``jax.value_and_grad(task_loss, has_aux=True)`` w.r.t. the meta-parameters.
 
   Args:
+    spec: the forward-mode options.
     task_loss: ``task_loss(meta_params, params, inner_state, model_state,
-      *batches) -> (value, (params_T, state_T, model_state_T, losses))``.
-    max_elements: the largest number of meta-parameter elements accepted.
+      *batches) -> (value, UnrollResult)``.
 
   Returns:
-    ``fn(meta_params, params, inner_state, model_state, *batches,
-    tangents=None) -> ((value, aux), grads, new_tangents)``. ``tangents`` (a
-    :class:`ForwardTangents`) are the derivatives of the starting point with
-    respect to the meta-parameters; with None the starting point is held
-    constant (truncated meta-gradient) and ``new_tangents`` is None.
-    ``grads`` has the structure of ``meta_params``.
+    ``fn(meta_params, params, inner_state, model_state, *batches) -> ((value,
+    result), grads)``, the starting point held constant (truncated).
   """
 
-  def fn(meta_params, params, inner_state, model_state, *batches, tangents=None):
-    n = forward_size(meta_params, max_elements)
-    flat, unravel = ravel_pytree(meta_params)
-    basis = jnp.eye(n, dtype=flat.dtype)
-    start = (params, inner_state, model_state)
+  def fn(meta_params, params, inner_state, model_state, *batches):
+    args = (meta_params, params, inner_state, model_state)
+    value, result, grads, _ = _jvp_meta(spec, task_loss, args, batches, None)
+    return (value, result), grads
 
-    def outputs(meta_params, params, inner_state, model_state):
-      value, (params_T, state_T, model_state_T, losses) = task_loss(
-        meta_params, params, inner_state, model_state, *batches
-      )
-      return (value, (params_T, state_T, model_state_T)), losses
+  return fn
 
-    if tangents is None:
 
-      def jvp(e):
-        return jax.jvp(lambda m: outputs(m, *start), (meta_params,), (unravel(e),), has_aux=True)
+def carried_value_and_grad(
+  spec: ForwardSpec,
+  task_loss: Callable[..., tuple[jax.Array, UnrollResult]],
+  tangents: ForwardTangents,
+) -> Callable[..., tuple[jax.Array, UnrollResult, Any, ForwardTangents]]:
+  """Like :func:`value_and_grad`, through the starting point's carried ``tangents``.
 
-      # The primal outputs do not depend on the tangent: computed once (out_axes None).
-      primal, (value_dot, _), losses = jax.vmap(jvp, out_axes=(None, 0, None))(basis)
-      new_tangents = None
-    else:
-      carried = (tangents.params, tangents.inner_state, tangents.model_state)
+  Returns:
+    ``fn(meta_params, params, inner_state, model_state, *batches) -> (value,
+    result, grads, new_tangents)``: the meta-gradient through every inner step
+    the tangents have been carried through, and the tangents of the result.
+  """
 
-      def jvp(e, carried):
-        tangents_in = (unravel(e),) + tuple(map(_tangent_in, start, carried))
-        return jax.jvp(outputs, (meta_params, *start), tangents_in, has_aux=True)
-
-      primal, (value_dot, carry_dot), losses = jax.vmap(jvp, out_axes=(None, 0, None))(
-        basis, carried
-      )
-      new_tangents = ForwardTangents(*map(_tangent_out, primal[1], carry_dot, (n, n, n)))
-    value, carry_T = primal
-    grads = unravel(value_dot.astype(flat.dtype))
-    return (value, (*carry_T, losses)), grads, new_tangents
+  def fn(meta_params, params, inner_state, model_state, *batches):
+    args = (meta_params, params, inner_state, model_state)
+    return _jvp_meta(spec, task_loss, args, batches, tangents)
 
   return fn

@@ -1,5 +1,11 @@
 """Forward-mode meta-gradients: equal to reverse mode, flat in T, carried tangents, errors."""
 
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import chex
 import helpers
 import jax
@@ -317,6 +323,68 @@ class ErrorsTest(helpers.TestCase):
   def test_check_finite_points_to_standard(self):
     with self.assertRaisesRegex(ValueError, "mode='standard'"):
       self._build(mode="forward", check_finite=True)
+
+
+# Run in a subprocess: the device count is fixed when JAX's backend starts.
+_SHARDING_CHECK = textwrap.dedent(
+  """
+  import jax, jax.numpy as jnp, numpy as np, optax
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  import mixflow_optax as mfo
+
+  jax.config.update("jax_enable_x64", True)
+  jax.config.update("jax_numpy_rank_promotion", "raise")
+  mesh = jax.make_mesh((4,), ("d",), (AxisType.Auto,))
+
+  def loss(p, m, b):
+    x, y = b
+    return jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - y) ** 2)
+
+  k = jax.random.split(jax.random.PRNGKey(0), 3)
+  p = {"w": jax.random.normal(k[0], (8, 16)), "v": jax.random.normal(k[1], (16, 1))}
+  x = jax.random.normal(k[2], (5, 32, 8))
+  y = jnp.sin(x[..., :1])
+  mo = mfo.meta_optimizer(
+    loss, loss, mfo.transforms.adam(0.1), optax.adam(0.01),
+    hyperparams_fn=lambda m: {"learning_rate": jnp.exp(m["lr"]), "b1": m["b1"]},
+    mode="forward", carry_tangents=True)
+
+  def hidden(tree):  # shard the hidden axis of params and of their tangents
+    def put(a):
+      spec = P(*([None] * (a.ndim - 1)), "d") if a.shape[-1] == 16 else P()
+      return jax.device_put(a, NamedSharding(mesh, spec))
+    return jax.tree.map(put, tree)
+
+  out = {}
+  for sharded in (False, True):
+    s = mo.init({"lr": jnp.log(0.05), "b1": jnp.asarray(0.9)}, p)
+    batches = (x, y)
+    if sharded:
+      s = s._replace(params=hidden(s.params), tangents=hidden(s.tangents))
+      batches = jax.device_put(batches, NamedSharding(mesh, P(None, "d")))
+    step = jax.jit(mo.step, donate_argnums=0)
+    for _ in range(3):
+      s, _ = step(s, batches, (x[0], y[0]))
+    out[sharded] = s
+  assert out[True].tangents.params["w"].sharding.spec == P(None, None, "d")
+  np.testing.assert_allclose(out[True].meta_params["lr"], out[False].meta_params["lr"], rtol=1e-10)
+  np.testing.assert_allclose(out[True].tangents.params["w"], out[False].tangents.params["w"], rtol=1e-9)
+  print("ok")
+  """
+)
+
+
+class ShardingTest(helpers.TestCase):
+  def test_sharded_tangents_match_one_device(self):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    root = str(pathlib.Path(__file__).resolve().parents[1])  # this checkout's mixflow_optax
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run(
+      [sys.executable, "-c", _SHARDING_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertEqual(proc.stdout.strip(), "ok")
 
 
 class UnrollUnderJvpTest(helpers.F64TestCase):

@@ -261,6 +261,13 @@ def carried_value_and_grad(
     the tangents have been carried through, and the tangents of the result.
   """
 
+  if not isinstance(tangents, ForwardTangents):
+    raise TypeError(
+      "meta_optimizer(..., carry_tangents=True).step needs a MetaState whose tangents "
+      f"were made by its init, got tangents={type(tangents).__name__}: call this "
+      "meta-optimizer's init (a state made without carry_tangents has none)."
+    )
+
   def fn(meta_params, params, inner_state, model_state, *batches):
     args = (meta_params, params, inner_state, model_state)
     return _jvp_meta(spec, task_loss, args, batches, tangents)

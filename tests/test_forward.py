@@ -320,6 +320,13 @@ class ErrorsTest(helpers.TestCase):
     with self.assertRaisesRegex(ValueError, "reset_inner"):
       self._build(mode="forward", carry_tangents=True, reset_inner=True)
 
+  def test_carried_step_needs_a_state_with_tangents(self):
+    params, inner, outer = _problem(2)
+    state = self._build(mode="forward").init({"log_lr": jnp.log(0.1)}, params)
+    mo = self._build(mode="forward", carry_tangents=True, hyperparams_fn=_exp_lr)
+    with self.assertRaisesRegex(TypeError, "tangents were made by its init"):
+      mo.step(state, inner, outer)
+
   def test_check_finite_points_to_standard(self):
     with self.assertRaisesRegex(ValueError, "mode='standard'"):
       self._build(mode="forward", check_finite=True)

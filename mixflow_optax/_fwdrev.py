@@ -276,11 +276,12 @@ def value_and_grad_fn(
   @functools.wraps(fun)
   def value_and_grad(*args, **kwargs):
     _check_diff_args(fun, args, argnums_t)
-    # Keyword arguments travel as one more (non-differentiated) argument.
-    call = lambda *a: fun(*a[:-1], **a[-1])
-    # Values the loss closes over (e.g. a traced meta-parameter captured by a
-    # lambda) become explicit inputs, so they receive cotangents as well.
-    converted, consts = jax.closure_convert(call, *args, kwargs)
+    # Keyword arguments are closed over, as jax.grad passes them: Python values
+    # stay static. Traced values the loss closes over (e.g. a meta-parameter
+    # captured by a lambda or passed by keyword) become explicit inputs, so
+    # they receive cotangents as well.
+    call = lambda *a: fun(*a, **kwargs)
+    converted, consts = jax.closure_convert(call, *args)
     if is_forward_mode_traced((args, kwargs, consts)):
       # A custom_vjp cannot run under jax.jvp; there the plain gradient is
       # already differentiated forward-over-reverse.
@@ -288,7 +289,7 @@ def value_and_grad_fn(
       out, grads = plain(*args, **kwargs)
       return out, (grads[0] if len(argnums_t) == 1 else grads)
     loss = _InnerLoss(fun, converted, argnums_t, has_aux, fallback, aux_flag)
-    return _make_core(loss)(((*args, kwargs), tuple(consts)))
+    return _make_core(loss)((args, tuple(consts)))
 
   return value_and_grad
 

@@ -469,8 +469,5 @@ def meta_optimizer(
   meta = _Meta(
     spec, make_run(spec), outer_loss, outer_opt, init_params_fn, reset_inner, batched_tasks, forward
   )
-  init = lambda meta_params, params=None, model_state=None: _init(
-    meta, meta_params, params, model_state
-  )
-  step = _checked_step(meta) if check_finite else (lambda *a: _step(meta, *a))
-  return MetaOptimizer(init=init, step=step)
+  step = _checked_step(meta) if check_finite else functools.partial(_step, meta)
+  return MetaOptimizer(init=functools.partial(_init, meta), step=step)

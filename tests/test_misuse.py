@@ -253,10 +253,17 @@ class ArgumentsTest(helpers.TestCase):
       mfo.fwdrev_grad(lambda p: jnp.sum(p["w"]))(params)
 
   def test_fwdrev_grad_keyword_arguments(self):
-    f = lambda x, scale=1.0: jnp.sum(scale * jnp.sin(x) ** 2)
-    chex.assert_trees_all_close(mfo.fwdrev_grad(f)(_W0, scale=2.0), jax.grad(f)(_W0, scale=2.0))
+    def f(x, scale=1.0, square=False):
+      y = jnp.sin(x) ** 2 if square else jnp.sin(x)  # a Python flag stays static
+      return jnp.sum(scale * y)
+
+    for square in (False, True):
+      chex.assert_trees_all_close(
+        mfo.fwdrev_grad(f)(_W0, scale=2.0, square=square),
+        jax.grad(f)(_W0, scale=2.0, square=square),
+      )
     # An outer transformation differentiates through keyword arguments, as with jax.grad.
-    meta = lambda grad: lambda s: jnp.sum(grad(f)(_W0, scale=s) ** 2)
+    meta = lambda grad: lambda s: jnp.sum(grad(f)(_W0, scale=s, square=True) ** 2)
     chex.assert_trees_all_close(
       jax.grad(meta(mfo.fwdrev_grad))(2.0), jax.grad(meta(jax.grad))(2.0), rtol=1e-5
     )

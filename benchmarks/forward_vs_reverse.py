@@ -18,7 +18,7 @@ XLA flags of the calling environment: leave ``XLA_FLAGS`` unset for the default 
 
 Usage::
 
-  python benchmarks/forward_vs_reverse.py --out docs/bench            # ~5 min on 2 CPU cores
+  python benchmarks/forward_vs_reverse.py --out docs/bench            # ~10 min on 2 busy CPU cores
   python benchmarks/forward_vs_reverse.py --out /tmp/fwd --quick      # smoke run
 """
 

@@ -7,6 +7,7 @@ from mixflow_optax._check_grad import (
   MetaGradientMismatchError,
   check_meta_gradient,
 )
+from mixflow_optax._forward import ForwardTangents
 from mixflow_optax._fwdrev import ForwardModeError, fwdrev_grad, fwdrev_value_and_grad
 from mixflow_optax._memory import CompiledMemory, compiled_memory, peak_memory
 from mixflow_optax._meta import MetaOptimizer, MetaState, meta_optimizer
@@ -18,6 +19,7 @@ __all__ = [
   "CompiledMemory",
   "INNER_GRAD_NAME",
   "ForwardModeError",
+  "ForwardTangents",
   "MetaGradientCheck",
   "MetaGradientMismatchError",
   "MetaOptimizer",

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
+from mixflow_optax import _forward
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
@@ -27,13 +28,15 @@ from mixflow_optax._checks import (
   non_array_leaf_message,
 )
 from mixflow_optax._compat import is_tracer
-from mixflow_optax._config import Mode, memory_config
+from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
 from mixflow_optax._unroll import UnrollResult, UnrollSpec, check_params, make_run, unroll_spec
 
 __all__ = ["MetaState", "MetaOptimizer", "meta_optimizer"]
 
 _OWNER = "mixflow_optax.meta_optimizer"
+
+MetaMode = Literal["mixflow", "standard", "first_order", "forward"]
 
 
 class MetaState(NamedTuple):
@@ -51,6 +54,10 @@ class MetaState(NamedTuple):
     count: number of meta-steps taken (int32).
     model_state: the model's non-parameter state (e.g. BatchNorm statistics)
       with ``has_model_state=True``, else None (same rules as ``params``).
+    tangents: with ``mode="forward", carry_tangents=True``, the
+      :class:`~mixflow_optax.ForwardTangents` of ``params``, ``inner_state``
+      and ``model_state`` with respect to ``meta_params`` (leading axis:
+      meta-parameter elements), else None.
   """
 
   meta_params: Any
@@ -59,6 +66,7 @@ class MetaState(NamedTuple):
   outer_state: optax.OptState
   count: jax.Array
   model_state: Any = None
+  tangents: Any = None
 
 
 class MetaOptimizer(NamedTuple):
@@ -79,6 +87,7 @@ class _Meta(NamedTuple):
   init_params_fn: Callable[[Any], optax.Params] | None
   reset_inner: bool
   batched_tasks: bool
+  forward: _forward.ForwardSpec | None = None
 
 
 def _check_meta_options(
@@ -153,13 +162,15 @@ def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = 
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
   check_params(params)
+  inner_state = meta.spec.inner_opt.init(params)
   return MetaState(
     meta_params=meta_params,
     params=params,
-    inner_state=meta.spec.inner_opt.init(params),
+    inner_state=inner_state,
     outer_state=meta.outer_opt.init(meta_params),
     count=jnp.zeros([], jnp.int32),
     model_state=model_state,
+    tangents=_forward.initial_tangents(meta.forward, meta_params, params, inner_state, model_state),
   )
 
 
@@ -221,17 +232,25 @@ def _task_loss(
 
 def _meta_value_and_grad(
   meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any
-) -> tuple[jax.Array, UnrollResult, Any]:
-  """``(outer loss, unroll result, meta-gradient)``, averaged over tasks if batched."""
-  value_and_grad = jax.value_and_grad(lambda *a: _task_loss(meta, *a), has_aux=True)
+) -> tuple[jax.Array, UnrollResult, Any, Any]:
+  """``(outer loss, unroll result, meta-gradient, tangents)``, averaged over tasks if batched."""
+  task_loss = functools.partial(_task_loss, meta)
   args = (state.meta_params, state.params, state.inner_state, state.model_state)
+  if meta.forward is not None and meta.forward.carry_tangents:
+    return _forward.carried_value_and_grad(meta.forward, task_loss, state.tangents)(
+      *args, inner_batches, outer_batch
+    )
+  if meta.forward is not None:
+    value_and_grad = _forward.value_and_grad(meta.forward, task_loss)
+  else:
+    value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
   if not meta.batched_tasks:
     (value, result), grads = value_and_grad(*args, inner_batches, outer_batch)
-    return value, result, grads
+    return value, result, grads, None
   _check_task_axis(inner_batches, outer_batch)
   per_task = jax.vmap(lambda ib, ob: value_and_grad(*args, ib, ob))
   (values, result), grads = per_task(inner_batches, outer_batch)
-  return jnp.mean(values), result, jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+  return jnp.mean(values), result, jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), None
 
 
 def _next_inner(meta: _Meta, state: MetaState, meta_params: Any, result: UnrollResult) -> tuple:
@@ -247,7 +266,7 @@ def _next_inner(meta: _Meta, state: MetaState, meta_params: Any, result: UnrollR
 def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -> tuple:
   _check_state(meta, state)
   try:
-    value, result, grads = _meta_value_and_grad(meta, state, inner_batches, outer_batch)
+    value, result, grads, tangents = _meta_value_and_grad(meta, state, inner_batches, outer_batch)
     updates, outer_state = meta.outer_opt.update(grads, state.outer_state, state.meta_params)
   except (AttributeError, TypeError, ValueError) as err:
     # An optimizer state of another structure fails deep inside the optimizer's
@@ -281,6 +300,7 @@ def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -
     outer_state=outer_state,
     count=optax.safe_increment(state.count),
     model_state=model_state,
+    tangents=tangents,
   )
   return new_state, metrics
 
@@ -310,7 +330,7 @@ def meta_optimizer(
   outer_opt: optax.GradientTransformation,
   *,
   hyperparams_fn: Callable[[Any], dict[str, Any]] | None = None,
-  mode: Mode = "mixflow",
+  mode: MetaMode = "mixflow",
   reset_inner: bool = False,
   init_params_fn: Callable[[Any], optax.Params] | None = None,
   batched_tasks: bool = False,
@@ -321,6 +341,8 @@ def meta_optimizer(
   check_finite: bool = False,
   checkpoint_every: int | Sequence[int] | None = None,
   unroll_steps: int | bool = 1,
+  carry_tangents: bool = False,
+  max_forward_elements: int = _forward.DEFAULT_MAX_FORWARD_ELEMENTS,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -350,7 +372,12 @@ def meta_optimizer(
     mode: ``"mixflow"`` (default), ``"standard"`` or ``"first_order"`` (the
       first-order MAML **approximation**: second-order terms are dropped).
       :func:`mixflow_optax.check_meta_gradient` compares ``"mixflow"`` with
-      ``"standard"`` on your own loss.
+      ``"standard"`` on your own loss. ``"forward"``: the same exact
+      meta-gradient by forward mode, one Jacobian-vector product per
+      meta-parameter element, with memory independent of T (a few
+      hyperparameters over long horizons; see ``docs/forward_mode.md``).
+      ``remat``, ``save_inner_grads``, ``fallback`` and ``checkpoint_every``
+      have no effect there: forward mode stores nothing across inner steps.
     reset_inner: start every step from the ``params`` given to ``init`` and a
       fresh inner optimizer state, instead of carrying them over.
     init_params_fn: MAML: ``meta_params -> params``, the learned
@@ -375,7 +402,18 @@ def meta_optimizer(
       cotangent in the backward pass; the outer loss; a meta-gradient leaf).
       ``step`` then compiles itself: call it without ``jax.jit`` (under
       ``jax.jit`` it must be wrapped in ``checkify.checkify``, whose error
-      you ``.throw()``). Off by default: the checks cost time.
+      you ``.throw()``). Off by default: the checks cost time. Not available
+      with ``mode="forward"``.
+    carry_tangents: with ``mode="forward"`` and online meta-learning: keep
+      the tangents :math:`d\theta/d\eta`, :math:`ds/d\eta` (and the model
+      state's) in ``MetaState.tangents`` from step to step, so that the
+      meta-gradient of step k is that of the outer loss through all
+      :math:`kT` inner steps since ``init`` (no truncation), holding
+      :math:`\eta` fixed along the way: exact when ``outer_opt`` makes no
+      update, otherwise the real-time approximation of Franceschi et al.
+      (2017), whose tangents mix the meta-parameters of past steps.
+    max_forward_elements: ``mode="forward"`` raises if ``meta_params`` has
+      more elements than this (its cost is one JVP per element).
 
   Returns:
     A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
@@ -401,6 +439,15 @@ def meta_optimizer(
     ['inner_losses', 'meta_grad_norm', 'outer_loss']
   """
   _check_meta_options(outer_opt, reset_inner, init_params_fn, batched_tasks)
+  forward = _forward.forward_spec(
+    mode,
+    carry_tangents=carry_tangents,
+    max_elements=max_forward_elements,
+    resets=reset_inner or init_params_fn is not None,
+    check_finite=check_finite,
+  )
+  if forward is not None:  # jax.jvp of the plain unroll; nothing to store across steps.
+    mode, remat, checkpoint_every = "standard", False, None
   memory = memory_config(
     _OWNER,
     remat=remat,
@@ -420,7 +467,7 @@ def meta_optimizer(
     check_finite=check_finite,
   )
   meta = _Meta(
-    spec, make_run(spec), outer_loss, outer_opt, init_params_fn, reset_inner, batched_tasks
+    spec, make_run(spec), outer_loss, outer_opt, init_params_fn, reset_inner, batched_tasks, forward
   )
   step = _checked_step(meta) if check_finite else functools.partial(_step, meta)
   return MetaOptimizer(init=functools.partial(_init, meta), step=step)

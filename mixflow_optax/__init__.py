@@ -2,6 +2,11 @@
 with mixed-mode (forward-over-reverse) differentiation (MixFlow-MG)."""
 
 from mixflow_optax import transforms
+from mixflow_optax._check_grad import (
+  MetaGradientCheck,
+  MetaGradientMismatchError,
+  check_meta_gradient,
+)
 from mixflow_optax._fwdrev import ForwardModeError, fwdrev_grad, fwdrev_value_and_grad
 from mixflow_optax._memory import CompiledMemory, compiled_memory, peak_memory
 from mixflow_optax._meta import MetaOptimizer, MetaState, meta_optimizer
@@ -13,8 +18,11 @@ __all__ = [
   "CompiledMemory",
   "INNER_GRAD_NAME",
   "ForwardModeError",
+  "MetaGradientCheck",
+  "MetaGradientMismatchError",
   "MetaOptimizer",
   "MetaState",
+  "check_meta_gradient",
   "compiled_memory",
   "fwdrev_grad",
   "fwdrev_value_and_grad",

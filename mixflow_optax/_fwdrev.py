@@ -25,15 +25,30 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from mixflow_optax._checks import first_non_float_leaf, is_float
+from mixflow_optax._checks import (
+  check_bool,
+  describe,
+  first_non_array_leaf,
+  first_non_float_leaf,
+  is_float,
+  non_array_leaf_message,
+)
+from mixflow_optax._compat import (
+  JAX_FORWARD_MODE_ERRORS,
+  ForwardModeUnsupported,
+  check_forward_mode_traceable,
+  cotangent_leaves,
+  is_forward_mode_traced,
+  is_symbolic_zero,
+  materialize_zero,
+  primal_values_and_markers,
+)
 
 __all__ = [
   "ForwardModeError",
@@ -42,21 +57,20 @@ __all__ = [
 ]
 
 Fallback = Literal["raise", "reverse"]
+FALLBACKS = ("raise", "reverse")
 
 
 class ForwardModeError(TypeError):
   """The loss contains an operation that JAX cannot differentiate in forward mode."""
 
 
-def _is_forward_mode_failure(err: Exception) -> bool:
-  msg = str(err).lower()
-  return any(s in msg for s in ("forward-mode", "jvp", "custom_vjp", "does not support jvp"))
+def _name(fun: Callable) -> str:
+  return getattr(fun, "__name__", repr(fun))
 
 
 def _forward_mode_message(fun: Callable, err: Exception) -> str:
-  name = getattr(fun, "__name__", repr(fun))
   return (
-    f"mixflow_optax could not differentiate the inner loss {name!r} in forward "
+    f"mixflow_optax could not differentiate the inner loss {_name(fun)!r} in forward "
     "mode, which the mixed-mode meta-gradient rule needs (one jax.jvp over the "
     f"inner gradient). JAX said: {type(err).__name__}: {err}\n"
     "This usually means the loss calls a jax.custom_vjp function (e.g. a fused "
@@ -69,61 +83,72 @@ def _forward_mode_message(fun: Callable, err: Exception) -> str:
   )
 
 
-def _jaxprs_of(value: Any):
-  if isinstance(value, jax.extend.core.ClosedJaxpr):
-    yield value.jaxpr
-  elif isinstance(value, jax.extend.core.Jaxpr):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _jaxprs_of(v)
+def _not_twice_differentiable_message(fun: Callable, err: Exception) -> str:
+  return (
+    f"the inner loss {_name(fun)!r} cannot be differentiated twice, in any mode: a "
+    "meta-gradient needs second derivatives of it, and an operation in it has no "
+    f"derivative rule that is itself differentiable. JAX said: {type(err).__name__}: "
+    f"{err}\nfallback='reverse' and mode='standard' fail the same way. Give that "
+    "operation (e.g. a jax.pure_callback) a jax.custom_jvp rule written in JAX "
+    "operations, or keep it out of the inner loss."
+  )
 
 
-def _has_staged_custom_vjp_jvp(jaxpr) -> bool:
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "custom_lin":
-      return True
-    for param in eqn.params.values():
-      if any(_has_staged_custom_vjp_jvp(sub) for sub in _jaxprs_of(param)):
-        return True
-  return False
+# How a loss declares an auxiliary output, per entry point: the flag, the pair
+# it then returns, and what to say when a pair comes back without the flag.
+_AUX_HINTS = {
+  "has_aux": (
+    "(loss, aux)",
+    "If it returns (loss, aux), pass has_aux=True.",
+  ),
+  "has_model_state": (
+    "(loss, new_model_state)",
+    "inner_loss returns the loss alone, or (loss, new_model_state) with "
+    "has_model_state=True; compute metrics from the returned params instead.",
+  ),
+}
 
 
-def _check_forward_mode_traceable(f: Callable, primals: Any, tangents: Any) -> None:
-  """Raises now if ``jax.jvp(f)`` would fail later.
-
-  Under staging (``lax.scan``, ``jax.checkpoint``, ``jit``), JAX does not
-  raise when forward mode meets a ``custom_vjp`` function: it stages a
-  ``custom_lin`` operation that fails only when the program runs, past any
-  handler here. Tracing the jvp once and looking for it makes the failure
-  (and the fallback) happen at the same place in every context.
-  """
-  jaxpr = jax.make_jaxpr(lambda p, t: jax.jvp(f, (p,), (t,)))(primals, tangents)
-  if _has_staged_custom_vjp_jvp(jaxpr.jaxpr):
-    raise TypeError("can't apply forward-mode autodiff (jvp) to a custom_vjp function.")
-
-
-def _check_scalar_loss(fun: Callable, out: Any, has_aux: bool) -> Any:
-  name = getattr(fun, "__name__", repr(fun))
-  if has_aux:
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-      raise TypeError(
-        f"{name!r} was declared with has_aux=True, so it must return a pair "
-        f"(loss, aux); it returned {type(out).__name__}."
-      )
-    loss = out[0]
-  else:
-    loss = out
+def _check_scalar_loss(fun: Callable, out: Any, has_aux: bool, aux_flag: str = "has_aux") -> Any:
+  """The loss in ``out``, after checking that ``fun`` returned what it declared."""
+  pair, hint = _AUX_HINTS[aux_flag]
+  is_pair = isinstance(out, (tuple, list)) and len(out) == 2
+  if has_aux and not is_pair:
+    raise TypeError(
+      f"{_name(fun)!r} was declared with {aux_flag}=True, so it must return a pair "
+      f"{pair}; it returned {describe(out)}."
+    )
+  if not has_aux and isinstance(out, (tuple, list)):
+    raise TypeError(
+      f"{_name(fun)!r} returned a {type(out).__name__} of {len(out)}; it must return a "
+      f"real scalar loss. {hint}"
+    )
+  loss = out[0] if has_aux else out
   shape = jnp.shape(loss)
   if shape != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
-    dtype = jnp.result_type(loss)
     raise TypeError(
-      f"{name!r} must return a real scalar loss (shape (), floating dtype), "
-      f"but it returned shape {shape} and dtype {dtype}. Reduce it to a scalar "
-      "(e.g. jnp.mean over the batch)"
-      + (" or return (loss, aux) with has_aux=True." if not has_aux else ".")
+      f"{_name(fun)!r} must return a real scalar loss (shape (), floating dtype), "
+      f"but it returned shape {shape} and dtype {jnp.result_type(loss)}. Reduce it to "
+      "a scalar (e.g. jnp.mean over the batch)"
+      + (
+        " or return (loss, aux) with has_aux=True."
+        if aux_flag == "has_aux" and not has_aux
+        else "."
+      )
     )
   return loss
+
+
+def checked_loss(fun: Callable, has_aux: bool, aux_flag: str = "has_aux") -> Callable:
+  """``fun`` with its output checked: a real scalar loss, or the declared pair."""
+
+  @functools.wraps(fun)
+  def checked(*args, **kwargs):
+    out = fun(*args, **kwargs)
+    _check_scalar_loss(fun, out, has_aux, aux_flag)
+    return out
+
+  return checked
 
 
 def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
@@ -133,22 +158,29 @@ def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_diff_args(fun: Callable, args: tuple, argnums: tuple[int, ...]) -> None:
-  name = getattr(fun, "__name__", repr(fun))
   for i in argnums:
     if i >= len(args):
       raise TypeError(
-        f"argnums={argnums} refers to positional argument {i}, but {name!r} "
+        f"argnums={argnums} refers to positional argument {i}, but {_name(fun)!r} "
         f"was called with {len(args)} positional arguments."
       )
+    bad = first_non_array_leaf(args[i])
+    if bad is not None:
+      raise TypeError(non_array_leaf_message(f"argument {i}", *bad))
     bad = first_non_float_leaf(args[i])
     if bad is not None:
       path, dtype = bad
       raise TypeError(
-        f"fwdrev_grad differentiates {name!r} with respect to argument {i}, whose "
+        f"fwdrev_grad differentiates {_name(fun)!r} with respect to argument {i}, whose "
         f"leaf {path} has dtype {dtype}. Gradients are only defined for floating "
         "point inputs: cast it to a float dtype, or pass it in another argument "
         "(integer inputs such as token ids are fine there)."
       )
+
+
+def _check_fallback(fallback: Any) -> None:
+  if fallback not in FALLBACKS:
+    raise ValueError(f"fallback must be 'raise' or 'reverse', got {fallback!r}.")
 
 
 def fwdrev_value_and_grad(
@@ -188,7 +220,14 @@ def fwdrev_value_and_grad(
   and exact ``custom_jvp`` rules included). It does not hold when ``fun`` uses
   a ``jax.custom_vjp`` / ``custom_jvp`` whose rule is *not* the exact
   derivative (straight-through estimators, gradient clipping inside a
-  backward rule): then use plain ``jax.grad`` (``mode="standard"``).
+  backward rule): then use plain ``jax.grad`` (``mode="standard"``);
+  :func:`mixflow_optax.check_meta_gradient` tells whether a loss is affected.
+
+  Keyword arguments are passed to ``fun`` and not differentiated by the inner
+  gradient, as in :func:`jax.grad` (an outer transformation still
+  differentiates through them). Under ``jax.jvp`` / ``jax.jacfwd`` the call is
+  plain ``jax.value_and_grad``, which forward mode already differentiates
+  forward-over-reverse.
 
   Args:
     fun: scalar loss ``fun(*args)`` (or ``(loss, aux)`` with ``has_aux``).
@@ -202,7 +241,7 @@ def fwdrev_value_and_grad(
       (exact, but without the memory saving).
 
   Returns:
-    A function ``(*args) -> ((value, aux) | value, grads)``.
+    A function ``(*args, **kwargs) -> ((value, aux) | value, grads)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -218,20 +257,41 @@ def fwdrev_value_and_grad(
     Kemaev et al., `Scalable Meta-Learning via Mixed-Mode Differentiation
     <https://arxiv.org/abs/2505.00793>`_, ICML 2025.
   """
+  _check_fallback(fallback)
+  check_bool("fwdrev_value_and_grad", "has_aux", has_aux)
+  return value_and_grad_fn(fun, argnums, has_aux=has_aux, fallback=fallback)
+
+
+def value_and_grad_fn(
+  fun: Callable,
+  argnums: int | Sequence[int] = 0,
+  *,
+  has_aux: bool = False,
+  fallback: Fallback = "raise",
+  aux_flag: str = "has_aux",
+) -> Callable:
+  """:func:`fwdrev_value_and_grad`, with the flag its messages name for ``has_aux``."""
   argnums_t = _argnums_tuple(argnums)
-  if fallback not in ("raise", "reverse"):
-    raise ValueError(f"fallback must be 'raise' or 'reverse', got {fallback!r}.")
 
   @functools.wraps(fun)
-  def value_and_grad_fn(*args):
+  def value_and_grad(*args, **kwargs):
     _check_diff_args(fun, args, argnums_t)
-    # Values the loss closes over (e.g. a traced meta-parameter captured by a
-    # lambda) become explicit inputs, so they receive cotangents as well.
-    converted, consts = jax.closure_convert(fun, *args)
-    inputs = (tuple(args), tuple(consts))
-    return _make_core(fun, converted, argnums_t, has_aux, fallback)(inputs)
+    # Keyword arguments are closed over, as jax.grad passes them: Python values
+    # stay static. Traced values the loss closes over (e.g. a meta-parameter
+    # captured by a lambda or passed by keyword) become explicit inputs, so
+    # they receive cotangents as well.
+    call = lambda *a: fun(*a, **kwargs)
+    converted, consts = jax.closure_convert(call, *args)
+    if is_forward_mode_traced((args, kwargs, consts)):
+      # A custom_vjp cannot run under jax.jvp; there the plain gradient is
+      # already differentiated forward-over-reverse.
+      plain = jax.value_and_grad(checked_loss(fun, has_aux, aux_flag), argnums_t, has_aux)
+      out, grads = plain(*args, **kwargs)
+      return out, (grads[0] if len(argnums_t) == 1 else grads)
+    loss = _InnerLoss(fun, converted, argnums_t, has_aux, fallback, aux_flag)
+    return _make_core(loss)((args, tuple(consts)))
 
-  return value_and_grad_fn
+  return value_and_grad
 
 
 def fwdrev_grad(
@@ -270,8 +330,8 @@ def fwdrev_grad(
   vg = fwdrev_value_and_grad(fun, argnums, has_aux=has_aux, fallback=fallback)
 
   @functools.wraps(fun)
-  def grad_fn(*args):
-    out, grads = vg(*args)
+  def grad_fn(*args, **kwargs):
+    out, grads = vg(*args, **kwargs)
     if has_aux:
       return grads, out[1]
     return grads
@@ -279,148 +339,187 @@ def fwdrev_grad(
   return grad_fn
 
 
-def _make_core(
-  fun: Callable,
-  converted: Callable,
-  argnums: tuple[int, ...],
-  has_aux: bool,
-  fallback: Fallback,
-) -> Callable:
-  """Builds the custom_vjp function over ``inputs = (args, consts)``."""
+class _InnerLoss(NamedTuple):
+  """The loss one rule differentiates, over ``inputs = (args, consts)``."""
 
-  def call(inputs):
+  fun: Callable  # the user's function, named in messages
+  converted: Callable  # closure-converted: converted(*args, *consts)
+  argnums: tuple[int, ...]
+  has_aux: bool
+  fallback: Fallback
+  aux_flag: str
+
+  def loss_and_aux(self, inputs: Any) -> tuple[jax.Array, Any]:
     args, consts = inputs
-    return converted(*args, *consts)
+    out = self.converted(*args, *consts)
+    loss = _check_scalar_loss(self.fun, out, self.has_aux, self.aux_flag)
+    return loss, (out[1] if self.has_aux else None)
 
-  def loss_and_aux(inputs):
-    out = call(inputs)
-    loss = _check_scalar_loss(fun, out, has_aux)
-    return loss, (out[1] if has_aux else None)
+  def value_and_grad(self, inputs: Any) -> tuple[Any, Any]:
+    """The primal: ``((loss, aux) | loss, grads)``, as ``jax.value_and_grad``."""
+    args, consts = inputs
 
-  def value_and_grad_primal(inputs):
-    diff = tuple(inputs[0][i] for i in argnums)
+    def wrt(diff):
+      new_args = list(args)
+      for i, v in zip(self.argnums, diff):
+        new_args[i] = v
+      return self.loss_and_aux((tuple(new_args), consts))
 
-    def wrt(d):
-      args = list(inputs[0])
-      for i, v in zip(argnums, d):
-        args[i] = v
-      return loss_and_aux((tuple(args), inputs[1]))
-
+    diff = tuple(args[i] for i in self.argnums)
     (loss, aux), grads = jax.value_and_grad(wrt, has_aux=True)(diff)
-    grads = grads[0] if len(argnums) == 1 else grads
-    return ((loss, aux) if has_aux else loss), grads
+    grads = grads[0] if len(self.argnums) == 1 else grads
+    return ((loss, aux) if self.has_aux else loss), grads
+
+
+def _make_core(loss: _InnerLoss) -> Callable:
+  """The custom_vjp function ``inputs -> ((loss, aux) | loss, grads)``."""
 
   @jax.custom_vjp
   def core(inputs):
-    return value_and_grad_primal(inputs)
+    return loss.value_and_grad(inputs)
 
   def fwd(inputs):
-    is_primal = lambda x: isinstance(x, CustomVJPPrimal)
-    values = jax.tree.map(lambda p: p.value, inputs, is_leaf=is_primal)
-    perturbed = [p.perturbed for p in jax.tree.leaves(inputs, is_leaf=is_primal)]
-    # Which inputs the outer transformation perturbs is static: it is kept in
-    # the residuals' tree structure (None / ()), not as arrays.
-    markers = tuple(() if p else None for p in perturbed)
-    return value_and_grad_primal(values), (values, markers)
+    # Only the inputs are saved: nothing of the inner forward or backward pass.
+    values, markers = primal_values_and_markers(inputs)
+    return loss.value_and_grad(values), (values, markers)
 
   def bwd(res, cts):
     values, markers = res
-    flat, treedef = jax.tree.flatten(values)
-    perturbed = [m is not None for m in markers]
-    out_ct, g_bar = cts
-    v_bar, aux_bar = out_ct if has_aux else (out_ct, None)
-
-    # Leaf positions of the differentiated arguments (theta) in `flat`.
-    arg_offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in values[0]])
-    theta_idx = [j for i in argnums for j in range(arg_offsets[i], arg_offsets[i + 1])]
-    # Inputs that need a cotangent: perturbed floating-point leaves.
-    diff_idx = [j for j, (x, p) in enumerate(zip(flat, perturbed)) if p and is_float(x)]
-    if not diff_idx:
-      return (None,)
-
-    g_bar_flat = jax.tree.leaves(g_bar, is_leaf=lambda x: isinstance(x, SymbolicZero))
-    g_is_zero = all(isinstance(g, SymbolicZero) for g in g_bar_flat)
-    g_bar_flat = [
-      jnp.zeros(g.aval.shape, g.aval.dtype) if isinstance(g, SymbolicZero) else g
-      for g in g_bar_flat
-    ]
-    v_is_zero = v_bar is None or isinstance(v_bar, SymbolicZero)
-    aux_leaves = jax.tree.leaves(aux_bar, is_leaf=lambda x: isinstance(x, SymbolicZero))
-    aux_is_zero = all(isinstance(a, SymbolicZero) or not is_float(a) for a in aux_leaves)
-
-    def loss_of(theta_vals, diff_vals):
-      leaves = list(flat)
-      for j, v in zip(theta_idx, theta_vals):
-        leaves[j] = v
-      for j, v in zip(diff_idx, diff_vals):
-        leaves[j] = v
-      return loss_and_aux(jax.tree.unflatten(treedef, leaves))
-
-    def full_grad(theta_vals):
-      # Gradient of L w.r.t. every input that needs a cotangent, as a function
-      # of theta: its jvp along g_bar is the Hessian-vector product we want.
-      pos = dict(zip(theta_idx, range(len(theta_idx))))
-      base = [theta_vals[pos[j]] if j in pos else flat[j] for j in diff_idx]
-      return jax.grad(lambda d: loss_of(theta_vals, d)[0])(base)
-
-    theta0 = [flat[j] for j in theta_idx]
-    ct = [jnp.zeros_like(flat[j]) for j in diff_idx]
-    if not g_is_zero:
-      try:
-        _check_forward_mode_traceable(full_grad, theta0, g_bar_flat)
-        primal, hvp = jax.jvp(full_grad, (theta0,), (g_bar_flat,))
-      except Exception as err:  # noqa: BLE001 - re-raised unless forward mode
-        if not _is_forward_mode_failure(err):
-          raise
-        if fallback == "raise":
-          raise ForwardModeError(_forward_mode_message(fun, err)) from err
-        warnings.warn(
-          _forward_mode_message(fun, err) + "\nFalling back to reverse-over-reverse for this call.",
-          stacklevel=2,
-        )
-        primal = None
-
-        def gdot(d):
-          # <grad_theta L, g_bar> at the point given by d, differentiated
-          # w.r.t. d below: reverse-over-reverse for this call only.
-          def loss_theta(th):
-            leaves = list(flat)
-            for j, v in zip(diff_idx, d):
-              leaves[j] = v
-            for j, v in zip(theta_idx, th):
-              leaves[j] = v
-            return loss_and_aux(jax.tree.unflatten(treedef, leaves))[0]
-
-          pos = dict(zip(diff_idx, range(len(diff_idx))))
-          th = [d[pos[j]] if j in pos else flat[j] for j in theta_idx]
-          g = jax.grad(loss_theta)(th)
-          return sum(jnp.vdot(a, b) for a, b in zip(g, g_bar_flat))
-
-        hvp = jax.grad(gdot)([flat[j] for j in diff_idx])
-      ct = [c + h for c, h in zip(ct, hvp)]
-      if not v_is_zero and primal is not None:
-        ct = [c + v_bar * p for c, p in zip(ct, primal)]
-        v_is_zero = True
-    if not v_is_zero or not aux_is_zero:
-      # First-order terms: the value's and aux's own cotangents.
-      def first_order(d):
-        loss, aux = loss_of(theta0, d)
-        total = jnp.zeros((), loss.dtype)
-        if not v_is_zero:
-          total = total + v_bar * loss
-        if not aux_is_zero:
-          for a, b in zip(jax.tree.leaves(aux), aux_leaves):
-            if is_float(a) and not isinstance(b, SymbolicZero):
-              total = total + jnp.sum(a * b)
-        return total
-
-      fo = jax.grad(first_order)([flat[j] for j in diff_idx])
-      ct = [c + f for c, f in zip(ct, fo)]
-
-    out = [None] * len(flat)
-    for j, c in zip(diff_idx, ct):
-      out[j] = c.astype(jnp.result_type(flat[j]))
-    return (jax.tree.unflatten(treedef, out),)
+    return (_rule_bwd(loss, _Point.of(values, markers, loss.argnums), cts),)
 
   core.defvjp(fwd, bwd, symbolic_zeros=True)
   return core
+
+
+class _Point(NamedTuple):
+  """The rule's inputs as flat leaves, with the positions that take part."""
+
+  flat: list[Any]
+  treedef: Any
+  theta_idx: list[int]  # leaves of the differentiated arguments (theta)
+  diff_idx: list[int]  # leaves that need a cotangent: perturbed, floating point
+
+  @classmethod
+  def of(cls, values: Any, markers: tuple, argnums: tuple[int, ...]) -> _Point:
+    flat, treedef = jax.tree.flatten(values)
+    offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in values[0]])
+    theta_idx = [j for i in argnums for j in range(offsets[i], offsets[i + 1])]
+    diff_idx = [j for j, (x, m) in enumerate(zip(flat, markers)) if m is not None and is_float(x)]
+    return cls(flat, treedef, theta_idx, diff_idx)
+
+  def substitute(self, *assignments: tuple[list[int], Sequence[Any]]) -> list[Any]:
+    """The leaves with ``values`` at ``positions``, for each pair in order."""
+    leaves = list(self.flat)
+    for positions, values in assignments:
+      for j, v in zip(positions, values):
+        leaves[j] = v
+    return leaves
+
+  def inputs(self, *assignments: tuple[list[int], Sequence[Any]]) -> Any:
+    return jax.tree.unflatten(self.treedef, self.substitute(*assignments))
+
+  def cotangents(self, ct: list[jax.Array]) -> Any:
+    out = [None] * len(self.flat)
+    for j, c in zip(self.diff_idx, ct):
+      out[j] = c.astype(jnp.result_type(self.flat[j]))
+    return jax.tree.unflatten(self.treedef, out)
+
+
+def _rule_bwd(loss: _InnerLoss, point: _Point, cts: Any) -> Any:
+  r"""Cotangents of the inputs: HVP term + :math:`\bar v \nabla_z L` + aux term."""
+  if not point.diff_idx:
+    return None
+  out_ct, g_bar = cts
+  v_bar, aux_bar = out_ct if loss.has_aux else (out_ct, None)
+  if v_bar is None or is_symbolic_zero(v_bar):
+    v_bar = None
+  aux_bar = [a for a in cotangent_leaves(aux_bar)]
+  if all(is_symbolic_zero(a) or not is_float(a) for a in aux_bar):
+    aux_bar = None
+  g_bar = cotangent_leaves(g_bar)
+
+  ct = [jnp.zeros_like(point.flat[j]) for j in point.diff_idx]
+  if not all(is_symbolic_zero(g) for g in g_bar):
+    hvp, grad = _hvp_term(loss, point, [materialize_zero(g) for g in g_bar])
+    ct = [c + h for c, h in zip(ct, hvp)]
+    if v_bar is not None and grad is not None:
+      # The value's term v_bar * grad_z L is the primal output of the same jvp.
+      ct = [c + v_bar * p for c, p in zip(ct, grad)]
+      v_bar = None
+  if v_bar is not None or aux_bar is not None:
+    fo = _first_order_term(loss, point, v_bar, aux_bar)
+    ct = [c + f for c, f in zip(ct, fo)]
+  return point.cotangents(ct)
+
+
+def _hvp_term(
+  loss: _InnerLoss, point: _Point, g_bar: list[jax.Array]
+) -> tuple[list[jax.Array], list[jax.Array] | None]:
+  """``(hvp, grad_z L)`` by one forward-over-reverse pass; reverse-over-reverse on fallback."""
+  theta0 = [point.flat[j] for j in point.theta_idx]
+
+  def full_grad(theta):
+    # Gradient of L w.r.t. every input that needs a cotangent, as a function
+    # of theta: its jvp along g_bar is the Hessian-vector product we want.
+    at_theta = point.substitute((point.theta_idx, theta))
+    base = [at_theta[j] for j in point.diff_idx]
+    wrt = lambda d: loss.loss_and_aux(point.inputs((point.theta_idx, theta), (point.diff_idx, d)))
+    return jax.grad(lambda d: wrt(d)[0])(base)
+
+  try:
+    check_forward_mode_traceable(full_grad, theta0, g_bar)
+    grad, hvp = jax.jvp(full_grad, (theta0,), (g_bar,))
+    return hvp, grad
+  except (ForwardModeUnsupported, *JAX_FORWARD_MODE_ERRORS) as err:
+    reverse = functools.partial(_reverse_term, loss, point, g_bar)
+    if not isinstance(err, ForwardModeUnsupported) and not _traces(reverse):
+      raise ForwardModeError(_not_twice_differentiable_message(loss.fun, err)) from err
+    if loss.fallback == "raise":
+      raise ForwardModeError(_forward_mode_message(loss.fun, err)) from err
+    warnings.warn(
+      _forward_mode_message(loss.fun, err)
+      + "\nFalling back to reverse-over-reverse for this call.",
+      stacklevel=2,
+    )
+    return reverse(), None
+
+
+def _reverse_term(loss: _InnerLoss, point: _Point, g_bar: list[jax.Array]) -> list[jax.Array]:
+  """The HVP term reverse-over-reverse: the gradient of <grad_theta L, g_bar>."""
+
+  def gdot(d):
+    at_d = point.substitute((point.diff_idx, d))
+    theta = [at_d[j] for j in point.theta_idx]
+    wrt = lambda th: loss.loss_and_aux(point.inputs((point.diff_idx, d), (point.theta_idx, th)))
+    g = jax.grad(lambda th: wrt(th)[0])(theta)
+    return sum(jnp.vdot(a, b) for a, b in zip(g, g_bar))
+
+  return jax.grad(gdot)([point.flat[j] for j in point.diff_idx])
+
+
+def _traces(fn: Callable) -> bool:
+  """Whether ``fn()`` can be traced (JAX raises no differentiation error)."""
+  try:
+    jax.make_jaxpr(fn)()
+  except JAX_FORWARD_MODE_ERRORS:
+    return False
+  return True
+
+
+def _first_order_term(
+  loss: _InnerLoss, point: _Point, v_bar: jax.Array | None, aux_bar: list[Any] | None
+) -> list[jax.Array]:
+  """The value's and aux's own cotangents: the gradient of ``v_bar L + <aux_bar, aux>``."""
+
+  def first_order(d):
+    value, aux = loss.loss_and_aux(point.inputs((point.diff_idx, d)))
+    total = jnp.zeros((), value.dtype)
+    if v_bar is not None:
+      total = total + v_bar * value
+    if aux_bar is not None:
+      for a, b in zip(jax.tree.leaves(aux), aux_bar):
+        if is_float(a) and not is_symbolic_zero(b):
+          total = total + jnp.sum(a * b)
+    return total
+
+  return jax.grad(first_order)([point.flat[j] for j in point.diff_idx])

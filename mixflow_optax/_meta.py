@@ -9,6 +9,7 @@ r"""The meta-optimizer: one object that owns the inner and the outer optimisatio
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -17,11 +18,22 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import checkify
 
-from mixflow_optax._checks import check_finite_leaves, first_non_float_leaf
+from mixflow_optax._checks import (
+  check_bool,
+  check_finite_leaves,
+  describe,
+  first_non_array_leaf,
+  first_non_float_leaf,
+  non_array_leaf_message,
+)
+from mixflow_optax._compat import is_tracer
+from mixflow_optax._config import Mode, memory_config
 from mixflow_optax._fwdrev import Fallback
-from mixflow_optax._unroll import Mode, unroll
+from mixflow_optax._unroll import UnrollResult, UnrollSpec, check_params, make_run, unroll_spec
 
 __all__ = ["MetaState", "MetaOptimizer", "meta_optimizer"]
+
+_OWNER = "mixflow_optax.meta_optimizer"
 
 
 class MetaState(NamedTuple):
@@ -57,7 +69,46 @@ class MetaOptimizer(NamedTuple):
   step: Callable[[MetaState, Any, Any], tuple[MetaState, dict[str, jax.Array]]]
 
 
+class _Meta(NamedTuple):
+  """Everything static about one meta-optimizer."""
+
+  spec: UnrollSpec
+  run: Callable[..., UnrollResult]
+  outer_loss: Callable[..., jax.Array]
+  outer_opt: optax.GradientTransformation
+  init_params_fn: Callable[[Any], optax.Params] | None
+  reset_inner: bool
+  batched_tasks: bool
+
+
+def _check_meta_options(
+  outer_opt: Any, reset_inner: Any, init_params_fn: Any, batched_tasks: Any
+) -> None:
+  check_bool(_OWNER, "reset_inner", reset_inner)
+  check_bool(_OWNER, "batched_tasks", batched_tasks)
+  if batched_tasks and not (reset_inner or init_params_fn is not None):
+    raise ValueError(
+      "batched_tasks=True needs every task to start from the same point: pass "
+      "reset_inner=True (start from the params given to init) or "
+      "init_params_fn=... (MAML). Carrying per-task inner states over is not "
+      "supported."
+    )
+  if callable(outer_opt) and not isinstance(outer_opt, optax.GradientTransformation):
+    name = getattr(outer_opt, "__name__", repr(outer_opt))
+    raise TypeError(
+      f"outer_opt is {name!r}, a function that builds an optimizer: call it, e.g. "
+      f"outer_opt={name}(1e-3), not outer_opt={name}."
+    )
+  if not isinstance(outer_opt, optax.GradientTransformation):
+    raise TypeError(
+      f"outer_opt must be an optax GradientTransformation, got {describe(outer_opt)}."
+    )
+
+
 def _check_meta_params(meta_params: Any) -> None:
+  bad = first_non_array_leaf(meta_params)
+  if bad is not None:
+    raise TypeError(non_array_leaf_message("meta_params", *bad))
   bad = first_non_float_leaf(meta_params)
   if bad is not None:
     path, dtype = bad
@@ -69,8 +120,187 @@ def _check_meta_params(meta_params: Any) -> None:
     )
 
 
-def _is_traced(tree: Any) -> bool:
-  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+def _check_init_args(meta: _Meta, params: Any, model_state: Any) -> None:
+  # Missing or unexpected arguments are TypeErrors, as in Python and in unroll's run.
+  if meta.spec.has_model_state and model_state is None:
+    raise TypeError(
+      "meta_optimizer(..., has_model_state=True): call init(meta_params, params, "
+      "model_state) with the model's initial non-parameter state."
+    )
+  if not meta.spec.has_model_state and model_state is not None:
+    raise TypeError(
+      "init() was given a model_state; build the meta-optimizer with "
+      "has_model_state=True so that inner_loss and outer_loss receive it."
+    )
+  if meta.init_params_fn is not None and params is not None:
+    raise TypeError(
+      "init_params_fn is given, so the initial params are "
+      "init_params_fn(meta_params): call init(meta_params) without params."
+    )
+  if meta.init_params_fn is None and params is None:
+    raise TypeError("init(meta_params, params): params is required without init_params_fn.")
+
+
+def _copy_arrays(tree: Any) -> Any:
+  # The state must own its arrays: jax.jit(step, donate_argnums=0) deletes them.
+  return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
+
+
+def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = None) -> MetaState:
+  _check_meta_params(meta_params)
+  _check_init_args(meta, params, model_state)
+  meta_params, params, model_state = _copy_arrays((meta_params, params, model_state))
+  if meta.init_params_fn is not None:
+    params = meta.init_params_fn(meta_params)
+  check_params(params)
+  return MetaState(
+    meta_params=meta_params,
+    params=params,
+    inner_state=meta.spec.inner_opt.init(params),
+    outer_state=meta.outer_opt.init(meta_params),
+    count=jnp.zeros([], jnp.int32),
+    model_state=model_state,
+  )
+
+
+def _check_state(meta: _Meta, state: Any) -> None:
+  if not isinstance(state, MetaState):
+    raise TypeError(
+      f"step needs the MetaState made by this meta-optimizer's init, got {describe(state)}: "
+      "call state = mo.init(meta_params, params) first."
+    )
+
+
+def _foreign_state_field(meta: _Meta, state: MetaState) -> str | None:
+  """The optimizer state of ``state`` whose structure this meta-optimizer did not make."""
+  want = {
+    "inner_state": jax.eval_shape(meta.spec.inner_opt.init, state.params),
+    "outer_state": jax.eval_shape(meta.outer_opt.init, state.meta_params),
+  }
+  for field, expected in want.items():
+    if jax.tree.structure(getattr(state, field)) != jax.tree.structure(expected):
+      return field
+  return None
+
+
+def _check_task_axis(inner_batches: Any, outer_batch: Any) -> None:
+  sizes = {}
+  for name, tree in (("inner_batches", inner_batches), ("outer_batch", outer_batch)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      shape = jnp.shape(leaf)
+      sizes[f"{name}{jax.tree_util.keystr(path)}"] = shape[0] if shape else None
+  if None in sizes.values() or len(set(sizes.values())) > 1:
+    detail = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+    raise ValueError(
+      "batched_tasks=True: every leaf of inner_batches and outer_batch needs a leading "
+      f"task axis of the same length (tasks, ...); got leading axes {detail}. Stack the "
+      "tasks' batches, or build the meta-optimizer without batched_tasks."
+    )
+
+
+def _task_loss(
+  meta: _Meta, meta_params, params, inner_state, model_state, inner_batches, outer_batch
+) -> tuple[jax.Array, UnrollResult]:
+  """The outer loss of one task at the unrolled parameters, and the unroll's result."""
+  if meta.init_params_fn is not None:
+    params = meta.init_params_fn(meta_params)
+    inner_state = meta.spec.inner_opt.init(params)
+  result = meta.run(meta_params, params, inner_state, inner_batches, model_state)
+  extra = (result.model_state,) if meta.spec.has_model_state else ()
+  value = meta.outer_loss(result.params, meta_params, outer_batch, *extra)
+  if jnp.shape(value) != ():
+    name = getattr(meta.outer_loss, "__name__", repr(meta.outer_loss))
+    raise TypeError(
+      f"outer_loss {name!r} must return a scalar, got shape "
+      f"{jnp.shape(value)}. Reduce it (e.g. jnp.mean over the batch)."
+    )
+  if meta.spec.check_finite:
+    checkify.check(jnp.isfinite(value), "the outer loss is non-finite at the unrolled parameters.")
+  return value, result
+
+
+def _meta_value_and_grad(
+  meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any
+) -> tuple[jax.Array, UnrollResult, Any]:
+  """``(outer loss, unroll result, meta-gradient)``, averaged over tasks if batched."""
+  value_and_grad = jax.value_and_grad(lambda *a: _task_loss(meta, *a), has_aux=True)
+  args = (state.meta_params, state.params, state.inner_state, state.model_state)
+  if not meta.batched_tasks:
+    (value, result), grads = value_and_grad(*args, inner_batches, outer_batch)
+    return value, result, grads
+  _check_task_axis(inner_batches, outer_batch)
+  per_task = jax.vmap(lambda ib, ob: value_and_grad(*args, ib, ob))
+  (values, result), grads = per_task(inner_batches, outer_batch)
+  return jnp.mean(values), result, jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+
+
+def _next_inner(meta: _Meta, state: MetaState, meta_params: Any, result: UnrollResult) -> tuple:
+  """``(params, inner_state, model_state)`` the next step starts from."""
+  if meta.init_params_fn is not None:
+    params = meta.init_params_fn(meta_params)
+    return params, meta.spec.inner_opt.init(params), state.model_state
+  if meta.reset_inner:
+    return state.params, state.inner_state, state.model_state
+  return result.params, result.opt_state, result.model_state
+
+
+def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -> tuple:
+  _check_state(meta, state)
+  try:
+    value, result, grads = _meta_value_and_grad(meta, state, inner_batches, outer_batch)
+    updates, outer_state = meta.outer_opt.update(grads, state.outer_state, state.meta_params)
+  except (AttributeError, TypeError, ValueError) as err:
+    # An optimizer state of another structure fails deep inside the optimizer's
+    # update; a state made by another meta-optimizer's init is the likely cause.
+    field = _foreign_state_field(meta, state)
+    if field is None:
+      raise
+    raise TypeError(
+      f"step was given a MetaState whose {field} was not made by this meta-optimizer's "
+      "optimizers (was it made by another meta-optimizer's init?): call this one's init."
+    ) from err
+  if meta.spec.check_finite:
+    check_finite_leaves(
+      grads,
+      "the meta-gradient w.r.t. meta_params leaf {leaf} is non-finite although "
+      "every inner step was finite forward and backward: it comes from "
+      "outer_loss's direct dependence on meta_params, or from hyperparams_fn / "
+      "init_params_fn (e.g. a log or sqrt of a non-positive meta-parameter).",
+    )
+  meta_params = optax.apply_updates(state.meta_params, updates)
+  params, inner_state, model_state = _next_inner(meta, state, meta_params, result)
+  metrics = {
+    "outer_loss": value,
+    "inner_losses": result.losses,
+    "meta_grad_norm": optax.tree.norm(grads),
+  }
+  new_state = MetaState(
+    meta_params=meta_params,
+    params=params,
+    inner_state=inner_state,
+    outer_state=outer_state,
+    count=optax.safe_increment(state.count),
+    model_state=model_state,
+  )
+  return new_state, metrics
+
+
+def _checked_step(meta: _Meta) -> Callable:
+  """``step`` with its checkify checks functionalised (``check_finite=True``)."""
+  checked = checkify.checkify(lambda *a: _step(meta, *a))
+  compiled = jax.jit(checked)
+
+  def step(state: MetaState, inner_batches, outer_batch):
+    if any(is_tracer(x) for x in jax.tree.leaves((state, inner_batches, outer_batch))):
+      # Under the caller's jit: hand the error to an enclosing checkify.checkify.
+      err, out = checked(state, inner_batches, outer_batch)
+      checkify.check_error(err)
+      return out
+    err, out = compiled(state, inner_batches, outer_batch)
+    err.throw()
+    return out
+
+  return step
 
 
 def meta_optimizer(
@@ -90,6 +320,7 @@ def meta_optimizer(
   has_model_state: bool = False,
   check_finite: bool = False,
   checkpoint_every: int | Sequence[int] | None = None,
+  unroll_steps: int | bool = 1,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -118,6 +349,8 @@ def meta_optimizer(
       positivity or a range.
     mode: ``"mixflow"`` (default), ``"standard"`` or ``"first_order"`` (the
       first-order MAML **approximation**: second-order terms are dropped).
+      :func:`mixflow_optax.check_meta_gradient` compares ``"mixflow"`` with
+      ``"standard"`` on your own loss.
     reset_inner: start every step from the ``params`` given to ``init`` and a
       fresh inner optimizer state, instead of carrying them over.
     init_params_fn: MAML: ``meta_params -> params``, the learned
@@ -126,7 +359,7 @@ def meta_optimizer(
     batched_tasks: ``inner_batches`` and ``outer_batch`` have a leading task
       axis; the inner problem is vmapped over tasks and the meta-gradient is
       the mean over tasks (needs ``reset_inner`` or ``init_params_fn``).
-    remat, save_inner_grads, fallback, checkpoint_every: passed to
+    remat, save_inner_grads, fallback, checkpoint_every, unroll_steps: as in
       :func:`mixflow_optax.unroll` (``checkpoint_every=K`` for long horizons:
       store the inner carry every K steps only).
     has_model_state: the model has non-parameter state updated by its
@@ -147,7 +380,8 @@ def meta_optimizer(
   Returns:
     A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
     params=None, model_state=None)`` (``params`` is required unless
-    ``init_params_fn`` is given). ``step(state, inner_batches, outer_batch)
+    ``init_params_fn`` is given; the state holds copies of the arrays, so
+    ``jax.jit(step, donate_argnums=0)`` leaves the caller's own intact). ``step(state, inner_batches, outer_batch)
     -> (state, metrics)`` is pure and jit-able; ``metrics`` has
     ``outer_loss`` (before the update), ``inner_losses`` (shape ``(T,)``, or
     ``(tasks, T)``) and ``meta_grad_norm``.
@@ -166,149 +400,27 @@ def meta_optimizer(
     >>> sorted(metrics)
     ['inner_losses', 'meta_grad_norm', 'outer_loss']
   """
-  resets = reset_inner or init_params_fn is not None
-  if batched_tasks and not resets:
-    raise ValueError(
-      "batched_tasks=True needs every task to start from the same point: pass "
-      "reset_inner=True (start from the params given to init) or "
-      "init_params_fn=... (MAML). Carrying per-task inner states over is not "
-      "supported."
-    )
-  if not isinstance(outer_opt, optax.GradientTransformation):
-    raise TypeError(
-      f"outer_opt must be an optax GradientTransformation, got {type(outer_opt).__name__}."
-    )
-  run = unroll(
+  _check_meta_options(outer_opt, reset_inner, init_params_fn, batched_tasks)
+  memory = memory_config(
+    _OWNER,
+    remat=remat,
+    save_inner_grads=save_inner_grads,
+    checkpoint_every=checkpoint_every,
+    unroll_steps=unroll_steps,
+  )
+  spec = unroll_spec(
+    _OWNER,
     inner_loss,
     inner_opt,
     hyperparams_fn=hyperparams_fn,
     mode=mode,
-    remat=remat,
-    save_inner_grads=save_inner_grads,
-    return_losses=True,
+    memory=memory,
     fallback=fallback,
     has_model_state=has_model_state,
     check_finite=check_finite,
-    checkpoint_every=checkpoint_every,
   )
-  outer_name = getattr(outer_loss, "__name__", repr(outer_loss))
-
-  def init(meta_params, params=None, model_state=None) -> MetaState:
-    _check_meta_params(meta_params)
-    if has_model_state and model_state is None:
-      raise ValueError(
-        "meta_optimizer(..., has_model_state=True): call init(meta_params, params, "
-        "model_state) with the model's initial non-parameter state."
-      )
-    if not has_model_state and model_state is not None:
-      raise ValueError(
-        "init() was given a model_state; build the meta-optimizer with "
-        "has_model_state=True so that inner_loss and outer_loss receive it."
-      )
-    if init_params_fn is not None:
-      if params is not None:
-        raise ValueError(
-          "init_params_fn is given, so the initial params are "
-          "init_params_fn(meta_params): call init(meta_params) without params."
-        )
-      params = init_params_fn(meta_params)
-    elif params is None:
-      raise ValueError("init(meta_params, params): params is required without init_params_fn.")
-    return MetaState(
-      meta_params=meta_params,
-      params=params,
-      inner_state=inner_opt.init(params),
-      outer_state=outer_opt.init(meta_params),
-      count=jnp.zeros([], jnp.int32),
-      model_state=model_state,
-    )
-
-  def task_loss(meta_params, params, inner_state, model_state, inner_batches, outer_batch):
-    if init_params_fn is not None:
-      params = init_params_fn(meta_params)
-      inner_state = inner_opt.init(params)
-    if has_model_state:
-      params_T, state_T, model_state_T, losses = run(
-        meta_params, params, inner_state, inner_batches, model_state
-      )
-      value = outer_loss(params_T, meta_params, outer_batch, model_state_T)
-    else:
-      params_T, state_T, losses = run(meta_params, params, inner_state, inner_batches)
-      model_state_T = None
-      value = outer_loss(params_T, meta_params, outer_batch)
-    if jnp.shape(value) != ():
-      raise TypeError(
-        f"outer_loss {outer_name!r} must return a scalar, got shape "
-        f"{jnp.shape(value)}. Reduce it (e.g. jnp.mean over the batch)."
-      )
-    if check_finite:
-      checkify.check(
-        jnp.isfinite(value), "the outer loss is non-finite at the unrolled parameters."
-      )
-    return value, (params_T, state_T, model_state_T, losses)
-
-  value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
-
-  def step_impl(state: MetaState, inner_batches, outer_batch):
-    args = (state.meta_params, state.params, state.inner_state, state.model_state)
-    if batched_tasks:
-      (values, (params_T, state_T, model_state_T, losses)), grads = jax.vmap(
-        lambda ib, ob: value_and_grad(*args, ib, ob)
-      )(inner_batches, outer_batch)
-      value = jnp.mean(values)
-      grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-    else:
-      (value, (params_T, state_T, model_state_T, losses)), grads = value_and_grad(
-        *args, inner_batches, outer_batch
-      )
-    if check_finite:
-      check_finite_leaves(
-        grads,
-        "the meta-gradient w.r.t. meta_params leaf {leaf} is non-finite although "
-        "every inner step was finite forward and backward: it comes from "
-        "outer_loss's direct dependence on meta_params, or from hyperparams_fn / "
-        "init_params_fn (e.g. a log or sqrt of a non-positive meta-parameter).",
-      )
-    updates, outer_state = outer_opt.update(grads, state.outer_state, state.meta_params)
-    meta_params = optax.apply_updates(state.meta_params, updates)
-    if init_params_fn is not None:
-      params = init_params_fn(meta_params)
-      inner_state = inner_opt.init(params)
-      model_state = state.model_state
-    elif reset_inner:
-      params, inner_state = state.params, state.inner_state
-      model_state = state.model_state
-    else:
-      params, inner_state, model_state = params_T, state_T, model_state_T
-    metrics = {
-      "outer_loss": value,
-      "inner_losses": losses,
-      "meta_grad_norm": optax.tree.norm(grads),
-    }
-    new_state = MetaState(
-      meta_params=meta_params,
-      params=params,
-      inner_state=inner_state,
-      outer_state=outer_state,
-      count=optax.safe_increment(state.count),
-      model_state=model_state,
-    )
-    return new_state, metrics
-
-  if not check_finite:
-    return MetaOptimizer(init=init, step=step_impl)
-
-  checked_step = checkify.checkify(step_impl)
-  compiled_step = jax.jit(checked_step)
-
-  def step(state: MetaState, inner_batches, outer_batch):
-    if _is_traced((state, inner_batches, outer_batch)):
-      # Under the caller's jit: hand the error to an enclosing checkify.checkify.
-      err, out = checked_step(state, inner_batches, outer_batch)
-      checkify.check_error(err)
-      return out
-    err, out = compiled_step(state, inner_batches, outer_batch)
-    err.throw()
-    return out
-
-  return MetaOptimizer(init=init, step=step)
+  meta = _Meta(
+    spec, make_run(spec), outer_loss, outer_opt, init_params_fn, reset_inner, batched_tasks
+  )
+  step = _checked_step(meta) if check_finite else functools.partial(_step, meta)
+  return MetaOptimizer(init=functools.partial(_init, meta), step=step)

@@ -16,27 +16,109 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import checkify
 
-from mixflow_optax._checks import check_finite_leaves, first_non_float_leaf, is_float
-from mixflow_optax._fwdrev import Fallback, fwdrev_value_and_grad
+from mixflow_optax._checks import (
+  check_bool,
+  check_finite_leaves,
+  describe,
+  first_non_array_leaf,
+  first_non_float_leaf,
+  is_float,
+  non_array_leaf_message,
+)
+from mixflow_optax._compat import is_differentiated_eagerly, is_forward_mode_traced
+from mixflow_optax._config import (
+  INNER_GRAD_NAME,
+  MemoryConfig,
+  Mode,
+  check_mode,
+  memory_config,
+)
+from mixflow_optax._fwdrev import Fallback, _check_fallback, checked_loss, value_and_grad_fn
 from mixflow_optax.transforms._base import ReparamTransformation
 
 __all__ = ["unroll", "INNER_GRAD_NAME"]
 
-Mode = Literal["mixflow", "standard", "first_order"]
-MODES = ("mixflow", "standard", "first_order")
+_OWNER = "mixflow_optax.unroll"
 
-#: Name given to the inner gradients (``jax.ad_checkpoint.checkpoint_name``),
-#: kept by the remat policy when ``save_inner_grads=True``.
-INNER_GRAD_NAME = "mixflow_inner_grad"
+
+class UnrollResult(NamedTuple):
+  """What one unrolled run returns (``model_state`` is None without model state)."""
+
+  params: Any
+  opt_state: Any
+  model_state: Any
+  losses: jax.Array
+
+  def as_tuple(self, has_model_state: bool, return_losses: bool) -> tuple:
+    """The public return value of ``run``."""
+    out = (self.params, self.opt_state)
+    if has_model_state:
+      out += (self.model_state,)
+    return (*out, self.losses) if return_losses else out
+
+
+class UnrollSpec(NamedTuple):
+  """Everything static about an unrolled loop, checked once by :func:`unroll_spec`."""
+
+  inner_loss: Callable[..., Any]
+  inner_opt: optax.GradientTransformation
+  hyperparams_fn: Callable[[Any], dict[str, Any]] | None
+  mode: Mode
+  memory: MemoryConfig
+  fallback: Fallback
+  has_model_state: bool
+  check_finite: bool
+
+
+def _check_inner_opt(inner_opt: Any, hyperparams_fn: Any) -> None:
+  if callable(inner_opt) and not isinstance(inner_opt, optax.GradientTransformation):
+    name = getattr(inner_opt, "__name__", repr(inner_opt))
+    raise TypeError(
+      f"inner_opt is {name!r}, a function that builds an optimizer: call it, e.g. "
+      f"inner_opt={name}(1e-3), not inner_opt={name}."
+    )
+  if hyperparams_fn is not None and not isinstance(inner_opt, ReparamTransformation):
+    raise TypeError(
+      "hyperparams_fn was given, but inner_opt is a stock optax transform "
+      "whose update takes no hyperparameters. Use the mixflow_optax version "
+      "(e.g. mfo.transforms.adam instead of optax.adam), or wrap stock "
+      "transforms with mfo.transforms.chain(...) together with one."
+    )
+  if not isinstance(inner_opt, optax.GradientTransformation):
+    raise TypeError(
+      f"inner_opt must be an optax GradientTransformation, got {describe(inner_opt)}."
+    )
+
+
+def unroll_spec(
+  owner: str,
+  inner_loss: Callable[..., Any],
+  inner_opt: optax.GradientTransformation,
+  *,
+  hyperparams_fn: Callable[[Any], dict[str, Any]] | None,
+  mode: Mode,
+  memory: MemoryConfig,
+  fallback: Fallback,
+  has_model_state: bool,
+  check_finite: bool,
+) -> UnrollSpec:
+  """Checks the options of an unrolled loop and returns them as one object."""
+  check_mode(mode)
+  _check_fallback(fallback)
+  check_bool(owner, "has_model_state", has_model_state)
+  check_bool(owner, "check_finite", check_finite)
+  _check_inner_opt(inner_opt, hyperparams_fn)
+  return UnrollSpec(
+    inner_loss, inner_opt, hyperparams_fn, mode, memory, fallback, has_model_state, check_finite
+  )
 
 
 def _check_leading_axis(inner_batches: Any) -> int:
@@ -65,10 +147,20 @@ def _check_leading_axis(inner_batches: Any) -> int:
       "broadcast per-run constants with jnp.broadcast_to(x, (T,) + x.shape) "
       "or pass them through meta_params instead."
     )
-  return next(iter(lengths.values()))
+  num_steps = next(iter(lengths.values()))
+  if num_steps == 0:
+    raise ValueError(
+      "inner_batches has an empty leading axis (T = 0 inner steps): the unrolled "
+      "parameters would not depend on the meta-parameters. Give at least one step."
+    )
+  return num_steps
 
 
-def _check_params(params: Any) -> None:
+def check_params(params: Any) -> None:
+  """Inner parameters: floating-point arrays only."""
+  bad = first_non_array_leaf(params)
+  if bad is not None:
+    raise TypeError(non_array_leaf_message("params", *bad))
   bad = first_non_float_leaf(params)
   if bad is not None:
     path, dtype = bad
@@ -78,6 +170,39 @@ def _check_params(params: Any) -> None:
       "of params, e.g. into the batch or a separate argument."
     )
 
+
+def _check_model_state_given(has_model_state: bool, model_state: Any) -> None:
+  if has_model_state and model_state is None:
+    raise TypeError(
+      "unroll(..., has_model_state=True): call run(meta_params, params, "
+      "opt_state, inner_batches, model_state) with the initial model state."
+    )
+  if not has_model_state and model_state is not None:
+    raise TypeError(
+      "run() was given a model_state, but unroll was built without "
+      "has_model_state=True (inner_loss would not receive it)."
+    )
+
+
+def _hyperparams_of(spec: UnrollSpec, meta_params: Any) -> dict[str, Any] | None:
+  if spec.hyperparams_fn is None:
+    return None
+  hyperparams = spec.hyperparams_fn(meta_params)
+  if not isinstance(hyperparams, dict):
+    raise TypeError(
+      "hyperparams_fn must return a dict mapping hyperparameter names to "
+      f"values, got {describe(hyperparams)}. Valid names: "
+      f"{sorted(spec.inner_opt.hyperparams)}."
+    )
+  return hyperparams
+
+
+_NOT_FUNCTIONALIZED = (
+  "unroll(..., check_finite=True) is differentiated here without checkify.checkify "
+  "around it: its backward-pass checks need one. Wrap the whole computation, e.g. "
+  "err, out = checkify.checkify(jax.jit(f))(*args); err.throw(), or use "
+  "mfo.meta_optimizer(..., check_finite=True), whose step does it for you."
+)
 
 # Backward-pass messages of `_watch`, by term.
 _COTANGENT_MESSAGES = {
@@ -215,6 +340,103 @@ def _check_model_state(before: Any, after: Any) -> None:
     )
 
 
+def _inner_value_and_grad(spec: UnrollSpec, mode: Mode) -> Callable:
+  """``(params, meta, batch[, model_state]) -> (loss | (loss, state), grads)`` for ``mode``."""
+  has_aux = spec.has_model_state
+  if mode == "mixflow":
+    return value_and_grad_fn(
+      spec.inner_loss, has_aux=has_aux, fallback=spec.fallback, aux_flag="has_model_state"
+    )
+  loss = checked_loss(spec.inner_loss, has_aux, aux_flag="has_model_state")
+
+  def fresh_inputs_loss(params, *args):
+    # Rebuild the other inputs' pytrees inside the trace (as fwdrev_grad's
+    # custom_vjp does), so that a loss that mutates them in place, e.g. Flax
+    # NNX BatchNorm statistics after nnx.merge, works in every mode.
+    return loss(params, *jax.tree.map(lambda x: x, args))
+
+  return jax.value_and_grad(fresh_inputs_loss, has_aux=has_aux)
+
+
+def _make_step(
+  spec: UnrollSpec, value_and_grad: Callable, meta_params: Any, hyperparams: Any
+) -> Callable:
+  """One inner step ``(carry, (t, batch)) -> (carry, loss | (loss, finite flags))``."""
+  check = spec.check_finite
+
+  def step(carry, xs):
+    t, batch = xs
+    carry = _watch(carry, t, "carry") if check else carry
+    params, opt_state, model_state = carry
+    meta, hps = meta_params, hyperparams
+    if check:
+      meta = _watch(meta, t, "meta")
+      hps = None if hps is None else _watch(hps, t, "hyperparams")
+    if spec.has_model_state:
+      (loss, new_model_state), grads = value_and_grad(params, meta, batch, model_state)
+      _check_model_state(model_state, new_model_state)
+      model_state = new_model_state
+    else:
+      loss, grads = value_and_grad(params, meta, batch)
+    if spec.mode == "first_order":
+      grads = jax.lax.stop_gradient(grads)
+    if check:
+      grads_ok = _finite_flags(grads)
+      grads = _watch(grads, t, "grad")
+    grads = checkpoint_name(grads, INNER_GRAD_NAME)
+    extra = {} if hps is None else {"hyperparams": hps}
+    updates, opt_state = spec.inner_opt.update(grads, opt_state, params, **extra)
+    params = optax.apply_updates(params, updates)
+    if check:
+      flags = (_finite_flags(loss), grads_ok, _finite_flags(updates), _finite_flags(model_state))
+      return (params, opt_state, model_state), (loss, flags)
+    return (params, opt_state, model_state), loss
+
+  policy = spec.memory.step_policy()
+  if policy is None:
+    return step
+  return jax.checkpoint(step, policy=policy, prevent_cse=False)
+
+
+def _scan_steps(
+  spec: UnrollSpec, step: Callable, carry: Any, inner_batches: Any, num_steps: int
+) -> UnrollResult:
+  """Runs ``step`` over the T inner steps, storing carries as ``spec.memory`` says."""
+  steps = jnp.arange(num_steps, dtype=jnp.int32)
+  memory = spec.memory
+  carry, losses = _segmented_scan(
+    step, carry, (steps, inner_batches), num_steps, memory.checkpoint_every, memory.unroll_steps
+  )
+  if spec.check_finite:
+    losses, flags = losses
+    _check_forward_flags(flags)
+    carry = _watch(carry, jnp.asarray(num_steps, jnp.int32), "final")
+  return UnrollResult(*carry, losses)
+
+
+def make_run(spec: UnrollSpec) -> Callable[..., UnrollResult]:
+  """``run(meta_params, params, opt_state, inner_batches, model_state=None) -> UnrollResult``."""
+  value_and_grads = {mode: _inner_value_and_grad(spec, mode) for mode in {spec.mode, "standard"}}
+
+  def run(meta_params, params, opt_state, inner_batches, model_state=None) -> UnrollResult:
+    check_params(params)
+    num_steps = _check_leading_axis(inner_batches)
+    _check_model_state_given(spec.has_model_state, model_state)
+    inputs = (meta_params, params, opt_state, inner_batches, model_state)
+    if spec.check_finite and is_differentiated_eagerly(inputs):
+      raise ValueError(_NOT_FUNCTIONALIZED)
+    mode = spec.mode
+    if mode == "mixflow" and is_forward_mode_traced(inputs):
+      # A custom_vjp cannot run under jax.jvp; there the plain inner gradient
+      # is already differentiated forward-over-reverse.
+      mode = "standard"
+    hyperparams = _hyperparams_of(spec, meta_params)
+    step = _make_step(spec, value_and_grads[mode], meta_params, hyperparams)
+    return _scan_steps(spec, step, (params, opt_state, model_state), inner_batches, num_steps)
+
+  return run
+
+
 def unroll(
   inner_loss: Callable[..., Any],
   inner_opt: optax.GradientTransformation,
@@ -256,7 +478,8 @@ def unroll(
     mode: ``"mixflow"`` (default): inner gradients by
       :func:`fwdrev_value_and_grad`, differentiated forward-over-reverse.
       ``"standard"``: plain ``jax.value_and_grad`` inside (reverse-over-reverse
-      when differentiated; the baseline, and usable under ``jax.jvp``).
+      when differentiated; the baseline, and the reference when an inner loss
+      has custom derivative rules: see :func:`mixflow_optax.check_meta_gradient`).
       ``"first_order"``: the inner gradient is treated as a constant
       (``stop_gradient``), dropping all second-order terms. This is the
       first-order MAML approximation, **not** the exact meta-gradient.
@@ -272,7 +495,8 @@ def unroll(
       x_t)`, shape ``(T,)`` (computed anyway; no extra cost).
     fallback: for ``mode="mixflow"``, what to do when the inner loss cannot
       be differentiated in forward mode (see :func:`fwdrev_value_and_grad`).
-    unroll_steps: ``unroll`` argument of the ``lax.scan``.
+    unroll_steps: ``unroll`` argument of the ``lax.scan``: a positive int,
+      or a bool as ``lax.scan`` takes it (``True`` unrolls fully).
     checkpoint_every: long horizons: store the inner carry ``(params,
       opt_state)`` only every K steps and recompute each K-step segment in
       the backward pass (a nested ``lax.scan`` with ``jax.checkpoint``), so
@@ -299,6 +523,11 @@ def unroll(
       ``checkify.checkify`` (:func:`mixflow_optax.meta_optimizer` with
       ``check_finite=True`` does it for you). Off by default: the checks cost
       time.
+
+  Under ``jax.jvp`` / ``jax.jacfwd`` (applied outside any ``jit``),
+  ``mode="mixflow"`` computes the inner gradients with plain
+  ``jax.value_and_grad``: forward mode differentiates them forward-over-reverse
+  already.
 
   Returns:
     ``run(meta_params, params, opt_state, inner_batches) -> (params_T,
@@ -328,115 +557,28 @@ def unroll(
     <https://arxiv.org/abs/2505.00793>`_, ICML 2025 (Algorithm 1, with block
     rematerialisation and saved inner gradients as in Section 4).
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-  if hyperparams_fn is not None and not isinstance(inner_opt, ReparamTransformation):
-    raise TypeError(
-      "hyperparams_fn was given, but inner_opt is a stock optax transform "
-      "whose update takes no hyperparameters. Use the mixflow_optax version "
-      "(e.g. mfo.transforms.adam instead of optax.adam), or wrap stock "
-      "transforms with mfo.transforms.chain(...) together with one."
-    )
-  if not isinstance(inner_opt, optax.GradientTransformation):
-    raise TypeError(
-      f"inner_opt must be an optax GradientTransformation, got {type(inner_opt).__name__}."
-    )
-
-  levels = () if checkpoint_every is None else tuple(np.atleast_1d(checkpoint_every).tolist())
-  if not all(isinstance(k, int) and k >= 1 for k in levels):
-    raise ValueError(
-      f"checkpoint_every must be a positive int (or a tuple of them), got {checkpoint_every!r}."
-    )
-
-  if mode == "mixflow":
-    value_and_grad = fwdrev_value_and_grad(inner_loss, has_aux=has_model_state, fallback=fallback)
-  else:
-
-    def fresh_inputs_loss(params, *args):
-      # Rebuild the other inputs' pytrees inside the trace (as fwdrev_grad's
-      # custom_vjp does), so that a loss that mutates them in place, e.g. Flax
-      # NNX BatchNorm statistics after nnx.merge, works in every mode.
-      return inner_loss(params, *jax.tree.map(lambda x: x, args))
-
-    value_and_grad = jax.value_and_grad(fresh_inputs_loss, has_aux=has_model_state)
+  spec = unroll_spec(
+    _OWNER,
+    inner_loss,
+    inner_opt,
+    hyperparams_fn=hyperparams_fn,
+    mode=mode,
+    memory=memory_config(
+      _OWNER,
+      remat=remat,
+      save_inner_grads=save_inner_grads,
+      checkpoint_every=checkpoint_every,
+      unroll_steps=unroll_steps,
+    ),
+    fallback=fallback,
+    has_model_state=has_model_state,
+    check_finite=check_finite,
+  )
+  check_bool(_OWNER, "return_losses", return_losses)
+  run_result = make_run(spec)
 
   def run(meta_params, params, opt_state, inner_batches, model_state=None):
-    _check_params(params)
-    num_steps = _check_leading_axis(inner_batches)
-    if has_model_state and model_state is None:
-      raise TypeError(
-        "unroll(..., has_model_state=True): call run(meta_params, params, "
-        "opt_state, inner_batches, model_state) with the initial model state."
-      )
-    if not has_model_state and model_state is not None:
-      raise TypeError(
-        "run() was given a model_state, but unroll was built without "
-        "has_model_state=True (inner_loss would not receive it)."
-      )
-    hyperparams = None if hyperparams_fn is None else hyperparams_fn(meta_params)
-    if hyperparams is not None and not isinstance(hyperparams, dict):
-      raise TypeError(
-        "hyperparams_fn must return a dict mapping hyperparameter names to "
-        f"values, got {type(hyperparams).__name__}. Valid names: "
-        f"{sorted(inner_opt.hyperparams)}."
-      )
-
-    def step(carry, xs):
-      t, batch = xs
-      if check_finite:
-        carry = _watch(carry, t, "carry")
-      params, opt_state, model_state = carry
-      meta, hps = meta_params, hyperparams
-      if check_finite:
-        meta = _watch(meta, t, "meta")
-        hps = None if hps is None else _watch(hps, t, "hyperparams")
-      if has_model_state:
-        (loss, new_model_state), grads = value_and_grad(params, meta, batch, model_state)
-        _check_model_state(model_state, new_model_state)
-        model_state = new_model_state
-      else:
-        loss, grads = value_and_grad(params, meta, batch)
-      if mode == "first_order":
-        grads = jax.lax.stop_gradient(grads)
-      if check_finite:
-        grads_ok = _finite_flags(grads)
-        grads = _watch(grads, t, "grad")
-      grads = checkpoint_name(grads, INNER_GRAD_NAME)
-      if hps is None:
-        updates, opt_state = inner_opt.update(grads, opt_state, params)
-      else:
-        updates, opt_state = inner_opt.update(grads, opt_state, params, hyperparams=hps)
-      params = optax.apply_updates(params, updates)
-      if check_finite:
-        flags = (_finite_flags(loss), grads_ok, _finite_flags(updates), _finite_flags(model_state))
-        return (params, opt_state, model_state), (loss, flags)
-      return (params, opt_state, model_state), loss
-
-    if remat:
-      policy = (
-        jax.checkpoint_policies.save_only_these_names(INNER_GRAD_NAME)
-        if save_inner_grads
-        else jax.checkpoint_policies.nothing_saveable
-      )
-      step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-
-    steps = jnp.arange(num_steps, dtype=jnp.int32)
-    carry, losses = _segmented_scan(
-      step,
-      (params, opt_state, model_state),
-      (steps, inner_batches),
-      num_steps,
-      levels,
-      unroll_steps,
-    )
-    if check_finite:
-      losses, flags = losses
-      _check_forward_flags(flags)
-      carry = _watch(carry, jnp.asarray(num_steps, jnp.int32), "final")
-    params, opt_state, model_state = carry
-    out = (params, opt_state, model_state) if has_model_state else (params, opt_state)
-    if return_losses:
-      return (*out, losses)
-    return out
+    result = run_result(meta_params, params, opt_state, inner_batches, model_state)
+    return result.as_tuple(has_model_state, return_losses)
 
   return run

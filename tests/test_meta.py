@@ -248,7 +248,7 @@ class MetaBadInputTest(absltest.TestCase):
 
   def test_params_with_init_params_fn(self):
     mo = self._mo(init_params_fn=lambda m: m)
-    with self.assertRaisesRegex(ValueError, "without params"):
+    with self.assertRaisesRegex(TypeError, "without params"):
       mo.init(jnp.zeros(3), jnp.zeros(3))
 
 

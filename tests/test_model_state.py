@@ -178,12 +178,12 @@ class ModelStateBadInputTest(absltest.TestCase):
     mo = mfo.meta_optimizer(
       _stateful_loss, _outer, mfo.transforms.sgd(0.1), optax.sgd(0.1), has_model_state=True
     )
-    with self.assertRaisesRegex(ValueError, "model_state"):
+    with self.assertRaisesRegex(TypeError, "model_state"):
       mo.init(meta, params)
     plain = mfo.meta_optimizer(
       lambda p, m, b: 0.0, lambda p, m, b: 0.0, mfo.transforms.sgd(0.1), optax.sgd(0.1)
     )
-    with self.assertRaisesRegex(ValueError, "has_model_state=True"):
+    with self.assertRaisesRegex(TypeError, "has_model_state=True"):
       plain.init(meta, params, state)
 
 

@@ -2,10 +2,15 @@
 
 from mixflow_optax.transforms._alias import adam, adamw, rmsprop, sgd
 from mixflow_optax.transforms._base import (
+  PerLeaf,
   ReparamTransformation,
   chain,
+  leaf_results,
+  map_leaves,
   named_chain,
+  per_leaf,
   rename_hyperparams,
+  resolve_hyperparams,
 )
 from mixflow_optax.transforms._lopt import (
   MLPLOptState,
@@ -27,6 +32,7 @@ from mixflow_optax.transforms._transforms import (
 
 __all__ = [
   "MLPLOptState",
+  "PerLeaf",
   "ReparamTransformation",
   "adam",
   "adamw",
@@ -35,9 +41,13 @@ __all__ = [
   "clip_by_global_norm",
   "init_learned_adam_meta",
   "learned_adam_hyperparams",
+  "leaf_results",
+  "map_leaves",
   "mlp_lopt",
   "named_chain",
+  "per_leaf",
   "rename_hyperparams",
+  "resolve_hyperparams",
   "rmsprop",
   "safe_sqrt",
   "scale",

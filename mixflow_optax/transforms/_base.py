@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mixflow_optax._checks import describe
+
 __all__ = [
+  "PerLeaf",
   "ReparamTransformation",
   "chain",
   "named_chain",
@@ -52,7 +55,11 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
     updates, state = opt.update(grads, state, params,
                                 hyperparams={"learning_rate": lr})
 
-  Gradients flow into every hyperparameter value passed this way.
+  Gradients flow into every hyperparameter value passed this way. To write
+  one's own, build ``update`` with :func:`resolve_hyperparams`,
+  :func:`per_leaf` and :func:`map_leaves` / :func:`leaf_results` (see the
+  guide "Writing your own reparameterised transform", docs/custom_transforms.md).
+  The defaults are kept through ``_replace``, ``_make``, ``copy`` and pickling.
 
   Attributes:
     init: ``init(params) -> state``.
@@ -62,7 +69,9 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
   """
 
   # NamedTuple subclasses cannot add fields; the defaults live on the instance
-  # so that the object stays a 2-tuple (init, update) for optax.
+  # so that the object stays a 2-tuple (init, update) for optax. The methods
+  # below carry them through every tuple operation (_replace, _make, copy,
+  # deepcopy, pickle).
   def __new__(
     cls,
     init: optax.TransformInitFn,
@@ -78,6 +87,35 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
     """Hyperparameter name -> default value (a fresh dict: editing it changes nothing)."""
     return dict(self.__dict__.get("_hyperparams", {}))
 
+  @classmethod
+  def _make(cls, iterable: Any) -> ReparamTransformation:
+    """From ``(init, update)``, ``(init, update, hyperparams)`` or another transform."""
+    hyperparams = iterable.hyperparams if isinstance(iterable, ReparamTransformation) else None
+    items = tuple(iterable)
+    if len(items) == 3:
+      *items, hyperparams = items
+    if len(items) != 2:
+      raise TypeError(f"Expected 2 or 3 arguments (init, update[, hyperparams]), got {len(items)}.")
+    return cls(*items, hyperparams)
+
+  def _replace(self, **changes: Any) -> ReparamTransformation:
+    """A copy with ``init``, ``update`` and/or ``hyperparams`` replaced."""
+    fields = {"init": self.init, "update": self.update, "hyperparams": self.hyperparams}
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+      raise ValueError(f"Got unexpected field names: {unknown!r}")
+    fields.update(changes)
+    return type(self)(**fields)
+
+  def __getnewargs__(self) -> tuple:
+    return (self.init, self.update, self.hyperparams)
+
+  def __reduce__(self) -> tuple:
+    return (type(self), self.__getnewargs__())
+
+  def __copy__(self) -> ReparamTransformation:
+    return self._replace()
+
   def __repr__(self) -> str:
     names = ", ".join(self.hyperparams)
     return f"ReparamTransformation(hyperparams=[{names}])"
@@ -86,13 +124,31 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
 def resolve_hyperparams(
   hyperparams: Hyperparams | None, defaults: Mapping[str, Any], owner: str
 ) -> dict[str, Any]:
-  """Merges ``hyperparams`` over ``defaults``; unknown names raise."""
+  """Merges the ``hyperparams`` given to ``update`` over the transform's defaults.
+
+  The first line of every reparameterised ``update``: it checks the names
+  (an unknown name raises, listing the valid ones) and returns a dict with a
+  value for every hyperparameter.
+
+  Args:
+    hyperparams: the ``hyperparams=`` argument of ``update`` (None: defaults).
+    defaults: the defaults given to the transform's constructor.
+    owner: the transform's name, for error messages.
+
+  Returns:
+    A new dict, ``defaults`` updated with ``hyperparams``.
+
+  Examples:
+    >>> import mixflow_optax as mfo
+    >>> mfo.transforms.resolve_hyperparams({"eps": 1e-6}, {"eps": 1e-8, "decay": 0.9}, "mine")
+    {'eps': 1e-06, 'decay': 0.9}
+  """
   if hyperparams is None:
     return dict(defaults)
   if not isinstance(hyperparams, Mapping):
     raise TypeError(
       f"{owner}: hyperparams must be a dict mapping hyperparameter names to "
-      f"values, got {type(hyperparams).__name__}. Valid names: "
+      f"values, got {describe(hyperparams)}. Valid names: "
       f"{sorted(defaults)}."
     )
   unknown = sorted(set(hyperparams) - set(defaults))
@@ -121,7 +177,29 @@ def per_leaf(name: str, value: Any, updates: Any, owner: str) -> PerLeaf:
 
   A single array (or Python number) applies to every leaf; a pytree with the
   structure of ``updates`` gives one value per leaf, each broadcastable to
-  that leaf's shape (a scalar per tensor, or one value per element).
+  that leaf's shape (a scalar per tensor, or one value per element). Other
+  shapes raise an error that names ``owner`` and ``name``. Integer values are
+  cast to the leaf's dtype; float values keep theirs.
+
+  Args:
+    name: the hyperparameter's name, for error messages.
+    value: its value (from :func:`resolve_hyperparams`).
+    updates: the gradient (or updates) pytree the transform is applied to.
+    owner: the transform's name, for error messages.
+
+  Returns:
+    A :class:`PerLeaf` list, a column for :func:`map_leaves` and
+    :func:`leaf_results`.
+
+  Examples:
+    >>> import jax.numpy as jnp, mixflow_optax as mfo
+    >>> grads = {"b": jnp.zeros(2), "w": jnp.zeros((2, 3))}
+    >>> rates = mfo.transforms.per_leaf("learning_rate", 0.1, grads, "mine")
+    >>> len(rates)
+    2
+    >>> per_tensor = {"b": 0.1, "w": jnp.full((2, 3), 0.2)}
+    >>> [jnp.shape(r) for r in mfo.transforms.per_leaf("lr", per_tensor, grads, "mine")]
+    [(), (2, 3)]
   """
   leaves, treedef = jax.tree.flatten(updates)
   if callable(value):
@@ -169,7 +247,21 @@ def leaf_results(fn: Callable[..., Any], updates: Any, *cols: Any) -> list[Any]:
   """``fn`` applied per leaf of ``updates``, with the matching leaf of each column.
 
   A column is a :class:`PerLeaf` list (from :func:`per_leaf`) or a pytree
-  with the structure of ``updates`` (e.g. an optimizer moment).
+  with the structure of ``updates`` (e.g. an optimizer moment). Use it when
+  ``fn`` returns several values per leaf (the update and new state entries);
+  :func:`map_leaves` when it returns one.
+
+  Returns:
+    A list, one ``fn(leaf, *column_leaves)`` per leaf of ``updates``.
+
+  Examples:
+    >>> import jax.numpy as jnp, mixflow_optax as mfo
+    >>> g = {"w": jnp.array([1.0, -2.0])}
+    >>> mu = {"w": jnp.zeros(2)}
+    >>> decay = mfo.transforms.per_leaf("decay", 0.9, g, "mine")
+    >>> out = mfo.transforms.leaf_results(lambda g, m, d: (d * m + g, g), g, mu, decay)
+    >>> [new_mu.tolist() for new_mu, _ in out]
+    [[1.0, -2.0]]
   """
   leaves, treedef = jax.tree.flatten(updates)
   cols = [c if isinstance(c, PerLeaf) else treedef.flatten_up_to(c) for c in cols]
@@ -177,7 +269,15 @@ def leaf_results(fn: Callable[..., Any], updates: Any, *cols: Any) -> list[Any]:
 
 
 def map_leaves(fn: Callable[..., Any], updates: Any, *cols: Any) -> Any:
-  """``jax.tree.map`` over ``updates`` and per-leaf lists/pytrees."""
+  """``jax.tree.map`` over ``updates`` and per-leaf columns: the result has the tree of ``updates``.
+
+  Examples:
+    >>> import jax.numpy as jnp, mixflow_optax as mfo
+    >>> g = {"w": jnp.array([1.0, -2.0])}
+    >>> lr = mfo.transforms.per_leaf("learning_rate", 0.5, g, "mine")
+    >>> mfo.transforms.map_leaves(lambda g, r: -r * g, g, lr)["w"].tolist()
+    [-0.5, 1.0]
+  """
   return jax.tree.unflatten(jax.tree.structure(updates), leaf_results(fn, updates, *cols))
 
 
@@ -187,7 +287,7 @@ def _as_member(t: optax.GradientTransformation):
   if not isinstance(t, optax.GradientTransformation):
     raise TypeError(
       "chain members must be optax GradientTransformations (mixflow_optax or "
-      f"stock optax), got {type(t).__name__}."
+      f"stock optax), got {describe(t)}."
     )
   return optax.with_extra_args_support(t)
 

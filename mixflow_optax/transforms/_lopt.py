@@ -16,6 +16,7 @@ with meta-learned hyperparameters.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mixflow_optax._checks import describe
 from mixflow_optax.transforms._base import ReparamTransformation, leaf_results
 
 __all__ = [
@@ -109,7 +111,7 @@ def _check_weights(
   if not isinstance(hyperparams, Mapping):
     raise TypeError(
       f"{_OWNER}: hyperparams must be the learned weights, a dict with the keys "
-      f"{sorted(defaults)}, got {type(hyperparams).__name__}. {fix}"
+      f"{sorted(defaults)}, got {describe(hyperparams)}. {fix}"
     )
   unknown = sorted(set(hyperparams) - set(defaults))
   if unknown:
@@ -123,7 +125,7 @@ def _check_weights(
     if not hasattr(value, "shape") and not isinstance(value, (int, float, np.number)):
       raise TypeError(
         f"{_OWNER}: weight {name!r} must be an array of shape "
-        f"{tuple(defaults[name].shape)}, got {type(value).__name__}. {fix}"
+        f"{tuple(defaults[name].shape)}, got {describe(value)}. {fix}"
       )
     shape = tuple(np.shape(value))
     if shape != tuple(defaults[name].shape):
@@ -144,6 +146,130 @@ def _second_moment_normalize(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   # rsqrt(eps + .) rather than 1/sqrt(.): finite derivatives of every order,
   # also where a tensor's feature is exactly zero (no sqrt at 0).
   return x * jax.lax.rsqrt(_NORM_EPS + jnp.mean(jnp.square(x), axis=axes, keepdims=True))
+
+
+class _LOptConfig(NamedTuple):
+  """The fixed (not learned) settings of :func:`mlp_lopt`."""
+
+  hidden_sizes: tuple[int, ...]
+  decays: tuple[float, ...]
+  rms_decay: float
+  eps: float
+  time_scales: tuple[float, ...]
+  step_mult: float
+  magnitude_scale: float
+
+  @property
+  def num_inputs(self) -> int:
+    return _num_features(len(self.decays), len(self.time_scales))
+
+  @property
+  def skip_index(self) -> int:
+    # m_hat^(k) r_hat for the decay closest to 0.9.
+    closest = int(np.argmin([abs(d - 0.9) for d in self.decays]))
+    return 4 + len(self.decays) + closest
+
+  def describe(self) -> str:
+    return (
+      f"hidden_sizes={self.hidden_sizes}, {len(self.decays)} momentum_decays, "
+      f"{len(self.time_scales)} time_scales: {self.num_inputs} input features"
+    )
+
+
+def _lopt_config(
+  hidden_sizes: Sequence[int],
+  momentum_decays: Sequence[float],
+  rms_decay: float,
+  eps: float,
+  time_scales: Sequence[float],
+  step_mult: float,
+  magnitude_scale: float,
+) -> _LOptConfig:
+  """Checks :func:`mlp_lopt`'s settings and returns them as one object."""
+  hidden_sizes = tuple(int(h) for h in hidden_sizes)
+  decays = tuple(float(d) for d in momentum_decays)
+  if any(h <= 0 for h in hidden_sizes):
+    raise ValueError(f"{_OWNER}: hidden_sizes must be positive, got {hidden_sizes}.")
+  if not decays:
+    raise ValueError(f"{_OWNER}: momentum_decays must have at least one decay.")
+  if not all(0.0 <= d < 1.0 for d in (*decays, rms_decay)):
+    raise ValueError(
+      f"{_OWNER}: decays must lie in [0, 1), got momentum_decays={decays}, rms_decay={rms_decay}."
+    )
+  return _LOptConfig(
+    hidden_sizes,
+    decays,
+    rms_decay,
+    eps,
+    tuple(float(t) for t in time_scales),
+    step_mult,
+    magnitude_scale,
+  )
+
+
+def _check_update_args(params: Any, state: Any) -> None:
+  if params is None:
+    raise ValueError(
+      f"{_OWNER} needs the parameters (they are one of its input features): "
+      "call update(grads, state, params)."
+    )
+  if not isinstance(state, MLPLOptState):
+    raise TypeError(
+      f"{_OWNER}: state must be the MLPLOptState made by this optimizer's init, "
+      f"got {describe(state)}."
+    )
+
+
+def _apply_mlp(w: Mapping[str, jax.Array], x: jax.Array, num_hidden: int) -> jax.Array:
+  h = x
+  for name in _layer_names(range(num_hidden))[:-1]:
+    h = jax.nn.relu(h @ w[f"{name}/w"] + w[f"{name}/b"][None, :])
+  return h @ w["out/w"] + w["out/b"][None, :] + x @ w["skip/w"]
+
+
+def _features(
+  cfg: _LOptConfig, g: jax.Array, p: jax.Array, m: jax.Array, v: jax.Array, t: jax.Array, dt: Any
+) -> jax.Array:
+  """The MLP's inputs for one tensor, shape ``(size, num_inputs)``."""
+  shape, axes = jnp.shape(g), tuple(range(jnp.ndim(g)))
+  gf, pf, mf, vf = (x.astype(dt) for x in (g, p, m, v))
+  # Bias-corrected moments, as in Adam (t counts this update).
+  t_new = (t + 1).astype(dt)
+  decays = jnp.asarray(cfg.decays, dt).reshape((1,) * len(shape) + (len(cfg.decays),))
+  m_hat = mf / (1 - decays**t_new)
+  r_hat = jax.lax.rsqrt(vf / (1 - jnp.asarray(cfg.rms_decay, dt) ** t_new) + cfg.eps)
+  normalized = _second_moment_normalize(
+    jnp.concatenate([gf[..., None], pf[..., None], mf, r_hat[..., None]], axis=-1), axes
+  )
+  # Adam-like ratios are already scale-free; left unnormalised they keep
+  # the information that gradients shrink relative to their history
+  # (which lets the update anneal), lost by per-tensor normalisation.
+  ratios = jnp.concatenate([(gf * r_hat)[..., None], m_hat * r_hat[..., None]], axis=-1)
+  per_element = jnp.concatenate([normalized, ratios], axis=-1)
+  time = jnp.tanh(t.astype(dt) / jnp.asarray(cfg.time_scales, dt) - 1)
+  time = jnp.broadcast_to(time, (*shape, len(cfg.time_scales)))
+  return jnp.concatenate([per_element, time], axis=-1).reshape(-1, cfg.num_inputs)
+
+
+def _leaf_update(
+  cfg: _LOptConfig,
+  w: Mapping[str, jax.Array],
+  t: jax.Array,
+  g: jax.Array,
+  p: jax.Array,
+  m: jax.Array,
+  v: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(update, momenta, rms)`` of one parameter tensor."""
+  dt = jnp.promote_types(jnp.result_type(g), jnp.result_type(*w.values()))
+  d = jnp.asarray(cfg.decays, m.dtype).reshape((1,) * jnp.ndim(g) + (len(cfg.decays),))
+  m_new = d * m + (1 - d) * g.astype(m.dtype)[..., None]
+  v_new = cfg.rms_decay * v + (1 - cfg.rms_decay) * jnp.square(g).astype(v.dtype)
+  out = _apply_mlp(w, _features(cfg, g, p, m_new, v_new, t, dt), len(cfg.hidden_sizes))
+  direction, magnitude = out[:, 0], out[:, 1]
+  step = direction * jnp.exp(magnitude * cfg.magnitude_scale) * cfg.step_mult
+  u = -step.reshape(jnp.shape(g))
+  return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
 
 def mlp_lopt(
@@ -255,89 +381,28 @@ def mlp_lopt(
     direction inside the learned update; here Adam's, as the initial skip
     weights, and learnable).
   """
-  hidden_sizes = tuple(int(h) for h in hidden_sizes)
-  decays = tuple(float(d) for d in momentum_decays)
-  time_scales = tuple(float(t) for t in time_scales)
-  if any(h <= 0 for h in hidden_sizes):
-    raise ValueError(f"{_OWNER}: hidden_sizes must be positive, got {hidden_sizes}.")
-  if not decays:
-    raise ValueError(f"{_OWNER}: momentum_decays must have at least one decay.")
-  if not all(0.0 <= d < 1.0 for d in (*decays, rms_decay)):
-    raise ValueError(
-      f"{_OWNER}: decays must lie in [0, 1), got momentum_decays={decays}, rms_decay={rms_decay}."
-    )
-  num_decays = len(decays)
-  num_inputs = _num_features(num_decays, len(time_scales))
-  closest = int(np.argmin([abs(d - 0.9) for d in decays]))
-  skip_index = 4 + num_decays + closest  # m_hat^(k) r_hat for the decay closest to 0.9.
-  dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
-  defaults = _init_weights(key, num_inputs, hidden_sizes, skip_index, output_init_scale, dtype)
-  config = (
-    f"hidden_sizes={hidden_sizes}, {len(decays)} momentum_decays, "
-    f"{len(time_scales)} time_scales: {num_inputs} input features"
+  cfg = _lopt_config(
+    hidden_sizes, momentum_decays, rms_decay, eps, time_scales, step_mult, magnitude_scale
   )
-  layers = _layer_names(hidden_sizes)
+  dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
+  defaults = _init_weights(
+    key, cfg.num_inputs, cfg.hidden_sizes, cfg.skip_index, output_init_scale, dtype
+  )
 
   def init_fn(params):
     momenta = jax.tree.map(
-      lambda p: jnp.zeros((*jnp.shape(p), num_decays), jnp.result_type(p)), params
+      lambda p: jnp.zeros((*jnp.shape(p), len(cfg.decays)), jnp.result_type(p)), params
     )
     return MLPLOptState(
       count=jnp.zeros([], jnp.int32), momenta=momenta, rms=optax.tree.zeros_like(params)
     )
 
-  def apply_mlp(w, x):
-    h = x
-    for name in layers[:-1]:
-      h = jax.nn.relu(h @ w[f"{name}/w"] + w[f"{name}/b"][None, :])
-    return h @ w["out/w"] + w["out/b"][None, :] + x @ w["skip/w"]
-
   def update_fn(updates, state, params=None, *, hyperparams=None, **extra_args):
     del extra_args
-    if params is None:
-      raise ValueError(
-        f"{_OWNER} needs the parameters (they are one of its input features): "
-        "call update(grads, state, params)."
-      )
-    w = _check_weights(hyperparams, defaults, config)
-    if not isinstance(state, MLPLOptState):
-      raise TypeError(
-        f"{_OWNER}: state must be the MLPLOptState made by this optimizer's init, "
-        f"got {type(state).__name__}."
-      )
+    _check_update_args(params, state)
+    w = _check_weights(hyperparams, defaults, cfg.describe())
     # The time embedding uses the count before this update (0 on the first).
-    t = state.count
-
-    def leaf(g, p, m, v):
-      dt = jnp.promote_types(jnp.result_type(g), jnp.result_type(*w.values()))
-      shape, axes = jnp.shape(g), tuple(range(jnp.ndim(g)))
-      d = jnp.asarray(decays, m.dtype).reshape((1,) * len(shape) + (num_decays,))
-      m_new = d * m + (1 - d) * g.astype(m.dtype)[..., None]
-      v_new = rms_decay * v + (1 - rms_decay) * jnp.square(g).astype(v.dtype)
-
-      gf, pf, mf, vf = (x.astype(dt) for x in (g, p, m_new, v_new))
-      # Bias-corrected moments, as in Adam (t counts this update).
-      t_new = (t + 1).astype(dt)
-      m_hat = mf / (1 - jnp.asarray(decays, dt).reshape(d.shape) ** t_new)
-      r_hat = jax.lax.rsqrt(vf / (1 - jnp.asarray(rms_decay, dt) ** t_new) + eps)
-      normalized = _second_moment_normalize(
-        jnp.concatenate([gf[..., None], pf[..., None], mf, r_hat[..., None]], axis=-1), axes
-      )
-      # Adam-like ratios are already scale-free; left unnormalised they keep
-      # the information that gradients shrink relative to their history
-      # (which lets the update anneal), lost by per-tensor normalisation.
-      ratios = jnp.concatenate([(gf * r_hat)[..., None], m_hat * r_hat[..., None]], axis=-1)
-      per_element = jnp.concatenate([normalized, ratios], axis=-1)
-      time = jnp.tanh(t.astype(dt) / jnp.asarray(time_scales, dt) - 1)
-      time = jnp.broadcast_to(time, (*shape, len(time_scales)))
-      x = jnp.concatenate([per_element, time], axis=-1).reshape(-1, num_inputs)
-
-      out = apply_mlp(w, x)
-      direction, magnitude = out[:, 0], out[:, 1]
-      step = direction * jnp.exp(magnitude * magnitude_scale) * step_mult
-      u = -step.reshape(shape)
-      return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
-
+    leaf = functools.partial(_leaf_update, cfg, w, state.count)
     outs = leaf_results(leaf, updates, params, state.momenta, state.rms)
     treedef = jax.tree.structure(updates)
     u, momenta, rms = (jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(3))
@@ -441,7 +506,7 @@ def learned_adam_hyperparams(meta: Mapping[str, Any]) -> dict[str, Any]:
   if not isinstance(meta, Mapping):
     raise TypeError(
       "learned_adam_hyperparams: meta must be a dict with keys among "
-      f"{sorted(_ADAM_META)} (see init_learned_adam_meta), got {type(meta).__name__}."
+      f"{sorted(_ADAM_META)} (see init_learned_adam_meta), got {describe(meta)}."
     )
   unknown = sorted(set(meta) - set(_ADAM_META))
   if unknown:

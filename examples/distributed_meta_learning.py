@@ -24,7 +24,9 @@ one-axis mesh ``"data"`` spanning all devices:
   sharding, so their per-device size falls with the number of devices.
 
 The script prints the per-device compiled memory of one meta-step next to that
-of the same step compiled for one device, then runs a few meta-steps.
+of the same step compiled for one device, then runs a few meta-steps. On GPU
+or TPU, ``--offload-carries`` keeps those stored carries in host memory
+(``offload_carries=True``; see ``docs/multi_host.md``).
 
 Run it here on 8 simulated CPU devices (about a minute on 2 cores)::
 
@@ -88,6 +90,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--width", type=int, default=512)
   p.add_argument("--depth", type=int, default=3, help="hidden layers")
   p.add_argument("--mode", default="mixflow", choices=("mixflow", "standard"))
+  p.add_argument(
+    "--offload-carries",
+    action="store_true",
+    help="keep the stored inner carries in host memory (GPU/TPU; no effect on CPU)",
+  )
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
 
@@ -180,10 +187,16 @@ def hyperparams_fn(log_lr: Any) -> dict[str, Any]:
   return {"learning_rate": jax.tree.map(jnp.exp, log_lr)}
 
 
-def make_meta_optimizer(mode: str) -> mfo.MetaOptimizer:
+def make_meta_optimizer(mode: str, offload_carries: bool = False) -> mfo.MetaOptimizer:
   """Online meta-learning of Adam's per-parameter log learning rates."""
   return mfo.meta_optimizer(
-    loss, loss, INNER_OPT, optax.adam(3e-2), hyperparams_fn=hyperparams_fn, mode=mode
+    loss,
+    loss,
+    INNER_OPT,
+    optax.adam(3e-2),
+    hyperparams_fn=hyperparams_fn,
+    mode=mode,
+    offload_carries=offload_carries,
   )
 
 
@@ -269,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   # Auto axes: the inputs' shardings are fixed here and XLA propagates them
   # through the unrolled loop (no sharding annotations inside the model).
   mesh = jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(AxisType.Auto,))
-  mo = make_meta_optimizer(a.mode)
+  mo = make_meta_optimizer(a.mode, a.offload_carries)
   data = Data(mesh, a.batch, a.T, a.seed)
 
   # Parameters and the meta-optimizer state are created directly in their

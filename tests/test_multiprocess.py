@@ -33,6 +33,7 @@ import numpy as np
 from absl.testing import absltest
 
 WORKER = pathlib.Path(multiprocess_worker.__file__).resolve()
+ROOT = WORKER.parents[1]
 # Tiny on purpose: 4 devices split the width, the batch and the parameters.
 EXAMPLE_ARGV = ("--steps", "3", "--T", "3", "--batch", "8", "--width", "32", "--depth", "2")
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
@@ -59,6 +60,9 @@ def run_processes(
 ) -> None:
   """Starts the workers and waits for all of them; kills the rest when one fails."""
   port = _free_port()
+  env = dict(os.environ)
+  # The workers import this checkout's mixflow_optax, not an installed copy.
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
   logs, procs = [], []
   try:
     for i in range(NUM_PROCESSES):
@@ -76,9 +80,7 @@ def run_processes(
         *EXAMPLE_ARGV,
       ]
       logs.append(log)
-      procs.append(
-        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-      )
+      procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     end = time.monotonic() + deadline
     while True:
       codes = [p.poll() for p in procs]

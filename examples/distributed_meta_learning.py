@@ -24,7 +24,9 @@ one-axis mesh ``"data"`` spanning all devices:
   sharding, so their per-device size falls with the number of devices.
 
 The script prints the per-device compiled memory of one meta-step next to that
-of the same step compiled for one device, then runs a few meta-steps.
+of the same step compiled for one device, then runs a few meta-steps. On GPU
+or TPU, ``--offload-carries`` keeps those stored carries in host memory
+(``offload_carries=True``; see ``docs/multi_host.md``).
 
 Run it here on 8 simulated CPU devices (about a minute on 2 cores)::
 
@@ -40,14 +42,25 @@ On a multi-host TPU or GPU slice, start the same command on every host with
   python examples/distributed_meta_learning.py --distributed
 
 ``--distributed`` calls ``jax.distributed.initialize()`` before anything else
-touches JAX (on Cloud TPU, SLURM or Open MPI it finds the coordinator itself;
-elsewhere pass ``coordinator_address``, ``num_processes`` and ``process_id``).
-``jax.devices()`` then lists the devices of all hosts, the mesh spans them,
-and the rest of the code is unchanged. Each host draws only its own slice of
-every batch (``--batch`` is the global batch) and
-``jax.make_array_from_process_local_data`` assembles the global, sharded
-array from those slices. The parameters are created by a jitted function with
-``out_shardings``, so each host materialises only its own shards.
+touches JAX. On Cloud TPU, SLURM or Open MPI it finds the coordinator itself;
+elsewhere pass ``--coordinator-address``, ``--num-processes`` and
+``--process-id``. Two processes on one machine, two CPU devices each (the
+CPU backend's collectives then go through gloo)::
+
+  python examples/distributed_meta_learning.py --simulate-devices 2 --distributed \
+    --coordinator-address 127.0.0.1:12355 --num-processes 2 --process-id 0 &
+  python examples/distributed_meta_learning.py --simulate-devices 2 --distributed \
+    --coordinator-address 127.0.0.1:12355 --num-processes 2 --process-id 1
+
+``jax.devices()`` then lists the devices of all processes, the mesh spans
+them, and the rest of the code is unchanged. Each process passes only the rows
+of every batch that its own devices hold (``--batch`` is the global batch) and
+``jax.make_array_from_process_local_data`` assembles the global, sharded array
+from those slices. The parameters are created by a jitted function with
+``out_shardings``, so each process materialises only its own shards. The
+synthetic batches are a function of the seed and the step only, so the
+meta-learning run is the same on one process or many (``tests/test_multiprocess.py``
+checks this).
 """
 
 from __future__ import annotations
@@ -68,12 +81,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     help="run on N simulated CPU devices (sets XLA_FLAGS before importing jax)",
   )
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
+  p.add_argument("--coordinator-address", help="host:port of process 0 (with --distributed)")
+  p.add_argument("--num-processes", type=int, help="number of processes (with --distributed)")
+  p.add_argument("--process-id", type=int, help="this process's index (with --distributed)")
   p.add_argument("--steps", type=int, default=20, help="meta-steps")
   p.add_argument("--T", type=int, default=4, help="inner steps per meta-step")
   p.add_argument("--batch", type=int, default=64, help="global batch per inner step")
   p.add_argument("--width", type=int, default=512)
   p.add_argument("--depth", type=int, default=3, help="hidden layers")
   p.add_argument("--mode", default="mixflow", choices=("mixflow", "standard"))
+  p.add_argument(
+    "--offload-carries",
+    action="store_true",
+    help="keep the stored inner carries in host memory (GPU/TPU; no effect on CPU)",
+  )
   p.add_argument("--seed", type=int, default=0)
   return p.parse_args(argv)
 
@@ -102,13 +123,14 @@ import mixflow_optax as mfo  # noqa: E402
 
 __all__ = [
   "AXIS",
+  "INNER_OPT",
   "fsdp_spec",
   "fsdp_shardings",
+  "hyperparams_fn",
   "init_mlp",
   "mlp",
   "make_meta_optimizer",
   "Data",
-  "compiled_memory",
   "main",
 ]
 
@@ -156,32 +178,52 @@ def loss(params, meta, batch):
   return jnp.mean((mlp(params, x) - y) ** 2)
 
 
-def make_meta_optimizer(mode: str) -> mfo.MetaOptimizer:
+#: The inner optimizer; its per-parameter learning rates are the meta-parameters.
+INNER_OPT = mfo.transforms.adam(1e-3)
+
+
+def hyperparams_fn(log_lr: Any) -> dict[str, Any]:
+  """Per-parameter log learning rates -> Adam's learning-rate tree."""
+  return {"learning_rate": jax.tree.map(jnp.exp, log_lr)}
+
+
+def make_meta_optimizer(mode: str, offload_carries: bool = False) -> mfo.MetaOptimizer:
   """Online meta-learning of Adam's per-parameter log learning rates."""
   return mfo.meta_optimizer(
     loss,
     loss,
-    mfo.transforms.adam(1e-3),
+    INNER_OPT,
     optax.adam(3e-2),
-    hyperparams_fn=lambda log_lr: {"learning_rate": jax.tree.map(jnp.exp, log_lr)},
+    hyperparams_fn=hyperparams_fn,
     mode=mode,
+    offload_carries=offload_carries,
   )
 
 
-class Data:
-  """Noisy regression targets of a fixed random teacher; each host draws its own rows.
+def _process_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> slice:
+  """The rows along ``axis`` that this process's devices hold under ``sharding``."""
+  index = sharding.addressable_devices_indices_map(shape).values()
+  starts = [i[axis].start or 0 for i in index]
+  stops = [shape[axis] if i[axis].stop is None else i[axis].stop for i in index]
+  return slice(min(starts), max(stops))
 
-  The teacher is the same on every host (a fixed seed). The rows of a batch
-  are drawn per host (a seed that includes ``jax.process_index()``), and
-  ``jax.make_array_from_process_local_data`` places them on the host's devices.
+
+class Data:
+  """Noisy regression targets of a fixed random teacher, in process-local slices.
+
+  The batch of step ``k`` is a function of ``(seed, k)`` only. Every process
+  draws it (a stand-in for opening the same dataset), keeps the rows its own
+  devices hold and hands only those to
+  ``jax.make_array_from_process_local_data``, which assembles the global,
+  sharded array. The run is therefore the same on any number of processes.
+  Floating point data follow JAX's default (float64 with ``jax_enable_x64``).
   """
 
   def __init__(self, mesh: Mesh, batch: int, T: int, seed: int):
     if batch % mesh.size:
       raise ValueError(f"--batch {batch} must be divisible by the {mesh.size} devices.")
-    self.local_batch = batch // jax.process_count()
-    self.T = T
-    self.rng = np.random.default_rng([seed, jax.process_index()])
+    self.batch, self.T, self.seed, self.step = batch, T, seed, 0
+    self.dtype = jax.dtypes.canonicalize_dtype(np.float64)
     teacher = np.random.default_rng(12345)
     self.w1 = teacher.normal(size=(D_IN, 32)) / np.sqrt(D_IN)
     self.w2 = teacher.normal(size=(32, 1)) / np.sqrt(32)
@@ -189,28 +231,26 @@ class Data:
     self.inner_sharding = NamedSharding(mesh, P(None, AXIS))
     self.outer_sharding = NamedSharding(mesh, P(AXIS))
 
-  def _rows(self, *lead: int) -> tuple[np.ndarray, np.ndarray]:
-    x = self.rng.normal(size=(*lead, self.local_batch, D_IN)).astype(np.float32)
-    y = np.tanh(x @ self.w1) @ self.w2 + 0.1 * self.rng.normal(size=(*lead, self.local_batch, 1))
-    return x, y.astype(np.float32)
+  def _rows(self, rng: np.random.Generator, *lead: int) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.normal(size=(*lead, self.batch, D_IN))
+    y = np.tanh(x @ self.w1) @ self.w2 + 0.1 * rng.normal(size=(*lead, self.batch, 1))
+    return x.astype(self.dtype), y.astype(self.dtype)
 
   def next(self) -> tuple[Any, Any]:
     """``(inner_batches, outer_batch)``: global arrays of shapes ``(T, batch, .)``, ``(batch, .)``."""
+    rng = np.random.default_rng([self.seed, self.step])
+    self.step += 1
 
-    def put(tree, sharding):
-      return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), tree)
+    def put(tree, sharding, axis):
+      def local(a):
+        rows = _process_rows(sharding, a.shape, axis)
+        local_rows = a[(slice(None),) * axis + (rows,)]
+        return jax.make_array_from_process_local_data(sharding, local_rows, a.shape)
 
-    return put(self._rows(self.T), self.inner_sharding), put(self._rows(), self.outer_sharding)
+      return jax.tree.map(local, tree)
 
-
-def compiled_memory(compiled: jax.stages.Compiled) -> dict[str, int]:
-  """Per-device memory of a compiled program (``jax.jit(f).lower(*args).compile()``)."""
-  m = compiled.memory_analysis()
-  return {
-    "temp": m.temp_size_in_bytes,
-    "argument": m.argument_size_in_bytes,
-    "output": m.output_size_in_bytes,
-  }
+    inner = put(self._rows(rng, self.T), self.inner_sharding, axis=1)
+    return inner, put(self._rows(rng), self.outer_sharding, axis=0)
 
 
 def _on_one_device(tree: Any) -> Any:
@@ -218,15 +258,31 @@ def _on_one_device(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
+def _initialize_distributed(a: argparse.Namespace) -> None:
+  if a.simulate_devices or os.environ.get("JAX_PLATFORMS") == "cpu":
+    # Multi-process collectives of the CPU backend.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=a.coordinator_address,
+    num_processes=a.num_processes,
+    process_id=a.process_id,
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Builds the mesh, shards everything, compares memory, runs the meta-steps."""
+  """Builds the mesh, shards everything, compares memory, runs the meta-steps.
+
+  Returns ``memory`` (per-device :class:`mixflow_optax.CompiledMemory` of one
+  meta-step, sharded and, on one process, single-device), ``history``,
+  ``seconds``, the final ``state`` and the ``mesh``.
+  """
   a = _parse(argv)
   if a.distributed:
-    jax.distributed.initialize()
+    _initialize_distributed(a)
   # Auto axes: the inputs' shardings are fixed here and XLA propagates them
   # through the unrolled loop (no sharding annotations inside the model).
   mesh = jax.make_mesh((jax.device_count(),), (AXIS,), axis_types=(AxisType.Auto,))
-  mo = make_meta_optimizer(a.mode)
+  mo = make_meta_optimizer(a.mode, a.offload_carries)
   data = Data(mesh, a.batch, a.T, a.seed)
 
   # Parameters and the meta-optimizer state are created directly in their
@@ -257,20 +313,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   )
   # Compile once; the loop below calls the compiled step.
   compiled_step = step.lower(state, inner, outer).compile()
-  sharded = compiled_memory(compiled_step)
-  memory = {"sharded": sharded}
+  # The figures are per device: what each process holds on each of its devices.
+  memory = {"sharded": mfo.compiled_memory(step, state, inner, outer)}
   if jax.process_count() == 1:
     # The same step compiled for one device, from shapes only (nothing is allocated).
-    one_device = _on_one_device((state, inner, outer))
-    single = compiled_memory(jax.jit(mo.step).lower(*one_device).compile())
-    memory["single"] = single
+    memory["single"] = mfo.compiled_memory(mo.step, *_on_one_device((state, inner, outer)))
   print(
     f"{'meta-step memory':<18}{'1 device':>12}{f'{jax.device_count()} devices':>14}{'ratio':>8}"
   )
   for kind in ("temp", "argument", "output"):
-    one = memory.get("single", {}).get(kind)
-    cols = [f"{one / 2**20:12.2f}" if one else f"{'-':>12}", f"{sharded[kind] / 2**20:14.2f}"]
-    cols.append(f"{sharded[kind] / one:8.3f}" if one else "")
+    one = getattr(memory["single"], f"{kind}_bytes") if "single" in memory else None
+    sharded = getattr(memory["sharded"], f"{kind}_bytes")
+    cols = [f"{one / 2**20:12.2f}" if one else f"{'-':>12}", f"{sharded / 2**20:14.2f}"]
+    cols.append(f"{sharded / one:8.3f}" if one else "")
     print(f"{kind + ' MiB':<18}" + "".join(cols))
 
   start = time.perf_counter()
@@ -279,18 +334,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     state, metrics = compiled_step(state, inner, outer)
     inner, outer = data.next()
     if i % max(a.steps // 5, 1) == 0 or i == a.steps - 1:
+      # Replicated scalars: every process reads the same values locally.
       lrs = jnp.concatenate([jnp.exp(x).ravel() for x in jax.tree.leaves(state.meta_params)])
+      lr_stats = jax.jit(
+        lambda v: (jnp.median(v), jnp.min(v), jnp.max(v)), out_shardings=replicated
+      )
+      median, low, high = (float(v) for v in lr_stats(lrs))
       record = {
         "step": i,
         "outer_loss": float(metrics["outer_loss"]),
-        "median_lr": float(jnp.median(lrs)),
-        "lr_range": (float(jnp.min(lrs)), float(jnp.max(lrs))),
+        "median_lr": median,
+        "lr_range": (low, high),
       }
       history.append(record)
       print(
         f"meta-step {i:3d}: validation loss {record['outer_loss']:.4f}, "
-        f"learning rates median {record['median_lr']:.2e} "
-        f"(min {record['lr_range'][0]:.2e}, max {record['lr_range'][1]:.2e})"
+        f"learning rates median {median:.2e} (min {low:.2e}, max {high:.2e})"
       )
   seconds = time.perf_counter() - start
   stats = jax.local_devices()[0].memory_stats()
@@ -298,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"peak memory on {jax.local_devices()[0]}: {stats['peak_bytes_in_use'] / 2**20:.1f} MiB")
   shard = state.params["layer1"]["w"].sharding
   print(f"{a.steps} meta-steps in {seconds:.1f} s; layer1/w is sharded as {shard.spec}")
-  return {"memory": memory, "history": history, "seconds": seconds}
+  return {"memory": memory, "history": history, "seconds": seconds, "state": state, "mesh": mesh}
 
 
 if __name__ == "__main__":

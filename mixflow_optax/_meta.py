@@ -30,6 +30,7 @@ from mixflow_optax._checks import (
 from mixflow_optax._compat import is_tracer
 from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
+from mixflow_optax._placement import shard_like_params
 from mixflow_optax._unroll import UnrollResult, UnrollSpec, check_params, make_run, unroll_spec
 
 __all__ = ["MetaState", "MetaOptimizer", "meta_optimizer"]
@@ -155,6 +156,12 @@ def _copy_arrays(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
 
 
+def _init_inner_state(meta: _Meta, params: Any) -> Any:
+  # Fresh zeros have no sharding of their own: without this, XLA replicates a
+  # state re-initialised inside jit (MAML) on every device.
+  return shard_like_params(meta.spec.inner_opt.init(params), params)
+
+
 def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = None) -> MetaState:
   _check_meta_params(meta_params)
   _check_init_args(meta, params, model_state)
@@ -162,7 +169,7 @@ def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = 
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
   check_params(params)
-  inner_state = meta.spec.inner_opt.init(params)
+  inner_state = _init_inner_state(meta, params)
   return MetaState(
     meta_params=meta_params,
     params=params,
@@ -215,7 +222,7 @@ def _task_loss(
   """The outer loss of one task at the unrolled parameters, and the unroll's result."""
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
-    inner_state = meta.spec.inner_opt.init(params)
+    inner_state = _init_inner_state(meta, params)
   result = meta.run(meta_params, params, inner_state, inner_batches, model_state)
   extra = (result.model_state,) if meta.spec.has_model_state else ()
   value = meta.outer_loss(result.params, meta_params, outer_batch, *extra)
@@ -257,7 +264,7 @@ def _next_inner(meta: _Meta, state: MetaState, meta_params: Any, result: UnrollR
   """``(params, inner_state, model_state)`` the next step starts from."""
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
-    return params, meta.spec.inner_opt.init(params), state.model_state
+    return params, _init_inner_state(meta, params), state.model_state
   if meta.reset_inner:
     return state.params, state.inner_state, state.model_state
   return result.params, result.opt_state, result.model_state
@@ -343,6 +350,7 @@ def meta_optimizer(
   unroll_steps: int | bool = 1,
   carry_tangents: bool = False,
   max_forward_elements: int = _forward.DEFAULT_MAX_FORWARD_ELEMENTS,
+  offload_carries: bool = False,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -386,9 +394,11 @@ def meta_optimizer(
     batched_tasks: ``inner_batches`` and ``outer_batch`` have a leading task
       axis; the inner problem is vmapped over tasks and the meta-gradient is
       the mean over tasks (needs ``reset_inner`` or ``init_params_fn``).
-    remat, save_inner_grads, fallback, checkpoint_every, unroll_steps: as in
-      :func:`mixflow_optax.unroll` (``checkpoint_every=K`` for long horizons:
-      store the inner carry every K steps only).
+    remat, save_inner_grads, fallback, checkpoint_every, unroll_steps,
+      offload_carries: as in :func:`mixflow_optax.unroll`
+      (``checkpoint_every=K`` for long horizons: store the inner carry every
+      K steps only; ``offload_carries=True``: keep the stored carries in host
+      memory on GPU/TPU).
     has_model_state: the model has non-parameter state updated by its
       forward pass (BatchNorm statistics). Then ``inner_loss(params,
       meta_params, batch, model_state) -> (loss, new_model_state)`` and
@@ -447,13 +457,14 @@ def meta_optimizer(
     check_finite=check_finite,
   )
   if forward is not None:  # jax.jvp of the plain unroll; nothing to store across steps.
-    mode, remat, checkpoint_every = "standard", False, None
+    mode, remat, checkpoint_every, offload_carries = "standard", False, None, False
   memory = memory_config(
     _OWNER,
     remat=remat,
     save_inner_grads=save_inner_grads,
     checkpoint_every=checkpoint_every,
     unroll_steps=unroll_steps,
+    offload_carries=offload_carries,
   )
   spec = unroll_spec(
     _OWNER,

@@ -42,6 +42,7 @@ from mixflow_optax._config import (
   memory_config,
 )
 from mixflow_optax._fwdrev import Fallback, _check_fallback, checked_loss, value_and_grad_fn
+from mixflow_optax._placement import CARRY_NAME, carry_offload_policy, check_host_offload
 from mixflow_optax.transforms._base import ReparamTransformation
 
 __all__ = ["unroll", "INNER_GRAD_NAME"]
@@ -294,7 +295,13 @@ def _check_forward_flags(flags: Any) -> None:
 
 
 def _segmented_scan(
-  step: Callable, carry: Any, xs: Any, num_steps: int, levels: tuple[int, ...], unroll: int
+  step: Callable,
+  carry: Any,
+  xs: Any,
+  num_steps: int,
+  levels: tuple[int, ...],
+  unroll: int,
+  offload: bool = False,
 ) -> tuple[Any, Any]:
   """``lax.scan(step, carry, xs)`` with the carry stored only every ``levels[0]`` steps.
 
@@ -303,20 +310,23 @@ def _segmented_scan(
   carry per segment and recomputes the segment being differentiated,
   recursively with ``levels[1:]``. A last, shorter segment takes the
   remainder when ``K`` does not divide ``num_steps``. Two levels store
-  :math:`T/K + K` carries instead of :math:`T`.
+  :math:`T/K + K` carries instead of :math:`T`. With ``offload``, the stored
+  segment carries are kept in host memory.
   """
   if not levels:
     return jax.lax.scan(step, carry, xs, unroll=unroll)
   k, rest = min(levels[0], num_steps), levels[1:]
   n, r = divmod(num_steps, k)
+  # One name per level, so that each level's policy offloads its own carries only.
+  name = f"{CARRY_NAME}_level{len(levels)}"
+  policy = carry_offload_policy((), name) if offload else jax.checkpoint_policies.nothing_saveable
 
   def segment(length):
     def run_segment(carry, seg_xs):
-      return _segmented_scan(step, carry, seg_xs, length, rest, unroll)
+      carry = checkpoint_name(carry, name) if offload else carry
+      return _segmented_scan(step, carry, seg_xs, length, rest, unroll, offload)
 
-    return jax.checkpoint(
-      run_segment, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False
-    )
+    return jax.checkpoint(run_segment, policy=policy, prevent_cse=False)
 
   head = jax.tree.map(lambda x: x[: n * k].reshape((n, k) + x.shape[1:]), xs)
   carry, ys = jax.lax.scan(segment(k), carry, head)
@@ -366,6 +376,9 @@ def _make_step(
 
   def step(carry, xs):
     t, batch = xs
+    if spec.memory.offload_carries:
+      # The copy of the step's input that the backward pass keeps is this named one.
+      carry = checkpoint_name(carry, CARRY_NAME)
     carry = _watch(carry, t, "carry") if check else carry
     params, opt_state, model_state = carry
     meta, hps = meta_params, hyperparams
@@ -404,8 +417,16 @@ def _scan_steps(
   """Runs ``step`` over the T inner steps, storing carries as ``spec.memory`` says."""
   steps = jnp.arange(num_steps, dtype=jnp.int32)
   memory = spec.memory
+  if memory.offload_carries:
+    check_host_offload()
   carry, losses = _segmented_scan(
-    step, carry, (steps, inner_batches), num_steps, memory.checkpoint_every, memory.unroll_steps
+    step,
+    carry,
+    (steps, inner_batches),
+    num_steps,
+    memory.checkpoint_every,
+    memory.unroll_steps,
+    memory.offload_carries,
   )
   if spec.check_finite:
     losses, flags = losses
@@ -451,6 +472,7 @@ def unroll(
   checkpoint_every: int | Sequence[int] | None = None,
   has_model_state: bool = False,
   check_finite: bool = False,
+  offload_carries: bool = False,
 ) -> Callable:
   r"""Builds ``run(meta_params, params, opt_state, inner_batches)``: T inner steps.
 
@@ -523,6 +545,16 @@ def unroll(
       ``checkify.checkify`` (:func:`mixflow_optax.meta_optimizer` with
       ``check_finite=True`` does it for you). Off by default: the checks cost
       time.
+    offload_carries: keep the inner carries that the backward pass stores,
+      :math:`T\,(|\theta| + |s|)` (with ``checkpoint_every``, those of every
+      level), in host memory (``pinned_host``) instead of on the device; the
+      backward pass brings them back one step at a time. The static memory
+      that mixed-mode differentiation does not shrink then leaves the
+      accelerator, at one host-device copy per step each way. Needs
+      ``remat=True`` and a backend with a ``pinned_host`` memory kind (GPU,
+      TPU); raises ``ValueError`` elsewhere. On the CPU backend, whose device
+      memory is host memory, it runs but moves nothing. Saved inner gradients
+      stay on the device. The meta-gradient is unchanged. Default ``False``.
 
   Under ``jax.jvp`` / ``jax.jacfwd`` (applied outside any ``jit``),
   ``mode="mixflow"`` computes the inner gradients with plain
@@ -569,6 +601,7 @@ def unroll(
       save_inner_grads=save_inner_grads,
       checkpoint_every=checkpoint_every,
       unroll_steps=unroll_steps,
+      offload_carries=offload_carries,
     ),
     fallback=fallback,
     has_model_state=has_model_state,

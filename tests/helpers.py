@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from absl.testing import parameterized
 
 import mixflow_optax as mfo
@@ -81,3 +84,222 @@ def mlp_problem(T: int = 3, batch: int = 4, features: int = 2, hidden: int = 3, 
 def lr_hyperparams(meta):
   """``hyperparams_fn`` mapping ``meta["log_lr"]`` to a positive learning rate."""
   return {"learning_rate": jnp.exp(meta["log_lr"])}
+
+
+# ---------------------------------------------------------------------------
+# Utilities of the transform conformance tests.
+# ---------------------------------------------------------------------------
+
+DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32, "f64": jnp.float64}
+"""Parameter dtypes of the dtype-preservation tests, by test-id suffix."""
+
+TIGHT = dict(rtol=1e-12, atol=1e-12)
+"""Tolerances of float64 comparisons that must agree to rounding."""
+
+
+def named_product(**axes):
+  """Like ``parameterized.product``, with readable ``a_b`` test ids."""
+  keys = list(axes)
+  return tuple(
+    {"testcase_name": "_".join(values), **dict(zip(keys, values))}
+    for values in itertools.product(*axes.values())
+  )
+
+
+def central_fd(f, x, h):
+  """Central finite difference ``(f(x + h) - f(x - h)) / 2h`` of a scalar function."""
+  return (f(x + h) - f(x - h)) / (2 * h)
+
+
+# A tiny problem: one tanh layer, 4 examples, 3 inputs, 2 outputs.
+
+
+def layer_params(dtype=jnp.float64):
+  """Fixed parameters ``{"w": (3, 2), "b": (2,)}`` of the one-layer problem."""
+  rng = np.random.RandomState(0)
+  return {
+    "w": jnp.asarray(0.5 * rng.normal(size=(3, 2)), dtype),
+    "b": jnp.asarray([0.1, -0.2], dtype),
+  }
+
+
+def _layer_predict(params, x):
+  return jnp.tanh(x @ params["w"] + params["b"][None, :])
+
+
+def layer_batch(dtype=jnp.float64, zeros="none"):
+  """A fixed ``(x, y)`` batch of the one-layer problem.
+
+  ``zeros="some"``: a dead input, so ``grad w[2, :]`` is exactly 0 at every
+  step. ``zeros="all"``: zero inputs and targets, so with a zero bias the
+  whole gradient is exactly 0 (exactly, also under jit: tanh(0) = 0)."""
+  rng = np.random.RandomState(1)
+  x = rng.normal(size=(4, 3))
+  y = 0.5 * rng.normal(size=(4, 2))
+  if zeros == "some":
+    x[:, 2] = 0.0
+  if zeros == "all":
+    x[:], y[:] = 0.0, 0.0
+  return jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+
+
+def layer_loss(params, batch):
+  """Mean squared error of the one-layer problem."""
+  x, y = batch
+  return jnp.mean((_layer_predict(params, x) - y) ** 2)
+
+
+def step(opt, params, state, batch, **update_kwargs):
+  """One optimizer step on ``layer_loss``; returns ``(params, state)``."""
+  grads = jax.grad(layer_loss)(params, batch)
+  updates, state = opt.update(grads, state, params, **update_kwargs)
+  return optax.apply_updates(params, updates), state
+
+
+def run(opt, params, batch, steps, **update_kwargs):
+  """Runs ``steps`` eager optimizer steps; returns every iterate and the final state.
+
+  Eager on purpose: for a handful of steps on this tiny problem, dispatching
+  cached primitives costs far less than compiling.
+  """
+  state = opt.init(params)
+  iterates = []
+  for _ in range(steps):
+    params, state = step(opt, params, state, batch, **update_kwargs)
+    iterates.append(params)
+  return iterates, state
+
+
+def run_pair(opt, ref, params, batch, steps, *, wrap=lambda fn: fn):
+  """Runs ``opt`` and ``ref`` side by side under one ``jax.jit`` (one compile)."""
+
+  @jax.jit
+  @wrap
+  def pair_step(pa, sa, pb, sb):
+    return step(opt, pa, sa, batch) + step(ref, pb, sb, batch)
+
+  pa, sa, pb, sb = params, opt.init(params), params, ref.init(params)
+  iterates, ref_iterates = [], []
+  for _ in range(steps):
+    pa, sa, pb, sb = pair_step(pa, sa, pb, sb)
+    iterates.append(pa)
+    ref_iterates.append(pb)
+  return (iterates, sa), (ref_iterates, sb)
+
+
+def grad_sequence(n=3, dtype=jnp.float64):
+  """Fixed gradient pytrees (independent of the parameters), global norm ~3."""
+  rng = np.random.RandomState(2)
+  return [
+    {
+      "w": jnp.asarray(rng.normal(size=(3, 2)), dtype),
+      "b": jnp.asarray(rng.normal(size=(2,)), dtype),
+    }
+    for _ in range(n)
+  ]
+
+
+def updates_for(opt, grads_seq, params=None, **update_kwargs):
+  """Updates of ``opt`` for a fixed gradient sequence (parameters move)."""
+  params = layer_params() if params is None else params
+  state = opt.init(params)
+  out = []
+  for g in grads_seq:
+    u, state = opt.update(g, state, params, **update_kwargs)
+    params = optax.apply_updates(params, u)
+    out.append(u)
+  return out
+
+
+def weighted_sum(tree_list):
+  """A fixed, non-symmetric linear functional of a list of update pytrees."""
+  total = 0.0
+  for i, tree in enumerate(tree_list):
+    for j, leaf in enumerate(jax.tree.leaves(tree)):
+      w = jnp.arange(1, leaf.size + 1, dtype=leaf.dtype).reshape(leaf.shape)
+      total = total + jnp.sum(jnp.sin(w + 3 * i + j) * leaf)
+  return total
+
+
+# ---------------------------------------------------------------------------
+# The exactness problem: meta-gradients through a two-layer MLP trained by unrolled steps.
+# ---------------------------------------------------------------------------
+
+LR = 0.05
+"""Inner learning rate of the exactness problem (and the initial value of a learned one)."""
+
+META_KINDS = ("learning_rate", "per_param_rates", "loss_weights", "maml")
+"""What the meta-parameters are: see ``meta_params``."""
+
+
+def _exactness_mlp(params, x):
+  h = jnp.tanh(x @ params["w1"] + params["b1"][None, :])
+  return h @ params["w2"]
+
+
+def _per_example(params, batch):
+  x, y = batch
+  return jnp.mean((_exactness_mlp(params, x) - y) ** 2, axis=-1)
+
+
+def exactness_problem(T, seed=0):
+  """``(params, (xs, ys), outer)``: 3-4-2 MLP, T inner batches of 5, an outer batch of 7."""
+  k = jax.random.split(jax.random.PRNGKey(seed), 6)
+  params = {
+    "w1": jax.random.normal(k[0], (3, 4)),
+    "b1": 0.1 * jax.random.normal(k[1], (4,)),
+    "w2": jax.random.normal(k[2], (4, 2)),
+  }
+  xs = jax.random.normal(k[3], (T, 5, 3))
+  ys = jax.random.normal(k[4], (T, 5, 2))
+  outer = (jax.random.normal(k[5], (7, 3)), jnp.ones((7, 2)))
+  return params, (xs, ys), outer
+
+
+def meta_params(kind, params):
+  """Initial meta-parameters of each ``META_KINDS`` kind (for maml: none besides ``params``)."""
+  if kind == "learning_rate":
+    return {"log_lr": jnp.log(jnp.asarray(LR))}
+  if kind == "per_param_rates":
+    # Per-element rates for w1, per-tensor for the rest.
+    return {
+      "log_lr": {
+        "w1": jnp.log(LR) + 0.1 * jnp.arange(12.0).reshape(3, 4) / 12,
+        "b1": jnp.log(jnp.asarray(LR)),
+        "w2": jnp.log(jnp.asarray(2 * LR)),
+      }
+    }
+  if kind == "loss_weights":
+    return {"logits": jnp.linspace(-1.0, 1.0, 5)}
+  return {}  # maml: the meta-parameters are the initial params
+
+
+def inner_loss(kind):
+  """Inner loss ``(params, meta, batch)`` of a kind: weighted per example for ``loss_weights``."""
+
+  def inner_loss(params, meta, batch):
+    per_ex = _per_example(params, batch)
+    if kind == "loss_weights":
+      return jnp.mean(jax.nn.sigmoid(meta["logits"]) * per_ex)
+    return jnp.mean(per_ex)
+
+  return inner_loss
+
+
+def hyperparams_fn(kind):
+  """``hyperparams_fn`` of a kind: ``exp(log_lr)`` as learning rate(s), else ``None``."""
+  if kind in ("learning_rate", "per_param_rates"):
+    return lambda meta: {"learning_rate": jax.tree.map(jnp.exp, meta["log_lr"])}
+  return None
+
+
+def outer_loss(params, outer):
+  """Outer (validation) loss of the exactness problem."""
+  return jnp.mean(_per_example(params, outer))
+
+
+def max_rel_err(a, b):
+  """Largest absolute difference of two pytrees, relative to the largest entry of ``b``."""
+  num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  den = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b))
+  return num / max(den, 1e-300)

@@ -18,7 +18,6 @@ from absl.testing import absltest, parameterized
 import mixflow_optax as mfo
 
 T_VALUES = (1, 3, 8)
-LR = 0.05
 
 # name -> (mfo factory(lr), stock optax factory(lr))
 OPTIMIZERS = {
@@ -46,75 +45,13 @@ OPTIMIZERS = {
   ),
 }
 
-META_KINDS = ("learning_rate", "per_param_rates", "loss_weights", "maml")
-
-
-def _mlp(params, x):
-  h = jnp.tanh(x @ params["w1"] + params["b1"][None, :])
-  return h @ params["w2"]
-
-
-def _per_example(params, batch):
-  x, y = batch
-  return jnp.mean((_mlp(params, x) - y) ** 2, axis=-1)
-
-
-def _problem(T, seed=0):
-  k = jax.random.split(jax.random.PRNGKey(seed), 6)
-  params = {
-    "w1": jax.random.normal(k[0], (3, 4)),
-    "b1": 0.1 * jax.random.normal(k[1], (4,)),
-    "w2": jax.random.normal(k[2], (4, 2)),
-  }
-  xs = jax.random.normal(k[3], (T, 5, 3))
-  ys = jax.random.normal(k[4], (T, 5, 2))
-  outer = (jax.random.normal(k[5], (7, 3)), jnp.ones((7, 2)))
-  return params, (xs, ys), outer
-
-
-def _meta_params(kind, params):
-  if kind == "learning_rate":
-    return {"log_lr": jnp.log(jnp.asarray(LR))}
-  if kind == "per_param_rates":
-    # Per-element rates for w1, per-tensor for the rest.
-    return {
-      "log_lr": {
-        "w1": jnp.log(LR) + 0.1 * jnp.arange(12.0).reshape(3, 4) / 12,
-        "b1": jnp.log(jnp.asarray(LR)),
-        "w2": jnp.log(jnp.asarray(2 * LR)),
-      }
-    }
-  if kind == "loss_weights":
-    return {"logits": jnp.linspace(-1.0, 1.0, 5)}
-  return {}  # maml: the meta-parameters are the initial params
-
-
-def _inner_loss(kind):
-  def inner_loss(params, meta, batch):
-    per_ex = _per_example(params, batch)
-    if kind == "loss_weights":
-      return jnp.mean(jax.nn.sigmoid(meta["logits"]) * per_ex)
-    return jnp.mean(per_ex)
-
-  return inner_loss
-
-
-def _hyperparams_fn(kind):
-  if kind in ("learning_rate", "per_param_rates"):
-    return lambda meta: {"learning_rate": jax.tree.map(jnp.exp, meta["log_lr"])}
-  return None
-
-
-def _outer_loss(params, outer):
-  return jnp.mean(_per_example(params, outer))
-
 
 def _mfo_meta_loss(opt_name, kind, mode, remat, T):
-  mfo_opt = OPTIMIZERS[opt_name][0](LR)
+  mfo_opt = OPTIMIZERS[opt_name][0](helpers.LR)
   run = mfo.unroll(
-    _inner_loss(kind),
+    helpers.inner_loss(kind),
     mfo_opt,
-    hyperparams_fn=_hyperparams_fn(kind),
+    hyperparams_fn=helpers.hyperparams_fn(kind),
     mode=mode,
     remat=remat,
     save_inner_grads=remat,
@@ -122,7 +59,7 @@ def _mfo_meta_loss(opt_name, kind, mode, remat, T):
 
   def meta_loss(meta, params0, batches, outer):
     params, _ = run(meta, params0, mfo_opt.init(params0), batches)
-    return _outer_loss(params, outer)
+    return helpers.outer_loss(params, outer)
 
   return meta_loss
 
@@ -131,7 +68,7 @@ def _reference_meta_loss(opt_name, kind, T):
   """Plain BPTT: jax.grad inside a lax.scan of stock optax steps."""
   del T  # given by the leading axis of the batches
   stock = OPTIMIZERS[opt_name][1]
-  inner_loss = _inner_loss(kind)
+  inner_loss = helpers.inner_loss(kind)
 
   def meta_loss(meta, params0, batches, outer):
     if kind == "learning_rate":
@@ -143,7 +80,7 @@ def _reference_meta_loss(opt_name, kind, T):
       opt = stock(1.0)
       scale = jax.tree.map(jnp.exp, meta["log_lr"])
     else:
-      opt = stock(LR)
+      opt = stock(helpers.LR)
       scale = None
 
     def step(carry, batch):
@@ -155,7 +92,7 @@ def _reference_meta_loss(opt_name, kind, T):
       return (optax.apply_updates(params, updates), state), None
 
     (params, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), batches)
-    return _outer_loss(params, outer)
+    return helpers.outer_loss(params, outer)
 
   return meta_loss
 
@@ -164,42 +101,36 @@ def _reference_meta_loss(opt_name, kind, T):
 def _reference_meta_gradient(opt_name, kind, T):
   """Cached: shared by the mode x remat variants of one (optimizer, kind, T)."""
   with jax.enable_x64(True):
-    params, batches, outer = _problem(T)
-    meta = _meta_params(kind, params)
+    params, batches, outer = helpers.exactness_problem(T)
+    meta = helpers.meta_params(kind, params)
     ref = jax.jit(jax.grad(_reference_meta_loss(opt_name, kind, T), argnums=(0, 1)))
     return jax.device_get(ref(meta, params, batches, outer))
-
-
-def _max_rel_err(a, b):
-  num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  den = max(float(jnp.max(jnp.abs(y))) for y in jax.tree.leaves(b))
-  return num / max(den, 1e-300)
 
 
 class ExactnessTest(helpers.F64TestCase):
   @parameterized.product(
     opt_name=tuple(OPTIMIZERS),
-    kind=META_KINDS,
+    kind=helpers.META_KINDS,
     mode=("mixflow", "standard"),
     T=T_VALUES,
     remat=(True, False),
   )
   def test_matches_plain_bptt_through_stock_optax(self, opt_name, kind, mode, T, remat):
-    params, batches, outer = _problem(T)
-    meta = _meta_params(kind, params)
+    params, batches, outer = helpers.exactness_problem(T)
+    meta = helpers.meta_params(kind, params)
     ours = jax.jit(jax.grad(_mfo_meta_loss(opt_name, kind, mode, remat, T), argnums=(0, 1)))
     got = ours(meta, params, batches, outer)
     want = _reference_meta_gradient(opt_name, kind, T)
     self.assertTrue(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got)))
     # The meta-gradient is not trivially zero (the test can fail).
     self.assertGreater(max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want)), 1e-6)
-    self.assertLessEqual(_max_rel_err(got, want), 1e-10)
+    self.assertLessEqual(helpers.max_rel_err(got, want), 1e-10)
 
-  @parameterized.product(opt_name=tuple(OPTIMIZERS), kind=META_KINDS)
+  @parameterized.product(opt_name=tuple(OPTIMIZERS), kind=helpers.META_KINDS)
   def test_mixflow_matches_central_finite_differences(self, opt_name, kind):
     T = 3
-    params, batches, outer = _problem(T, seed=1)
-    meta = _meta_params(kind, params)
+    params, batches, outer = helpers.exactness_problem(T, seed=1)
+    meta = helpers.meta_params(kind, params)
     f = jax.jit(_mfo_meta_loss(opt_name, kind, "mixflow", True, T))
     g = jax.jit(jax.grad(f, argnums=(0, 1)))(meta, params, batches, outer)
     # Directional derivative along a random direction in (meta, params0).

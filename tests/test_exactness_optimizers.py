@@ -1,8 +1,8 @@
 """Meta-gradients through the new optimizers equal plain BPTT through stock optax.
 
-The problem, meta-parameter kinds and reference loop are those of
-tests/test_exactness.py (a Python-free ``lax.scan`` of ``jax.grad`` + stock
-optax steps, differentiated by ``jax.grad``), run for every new hand-written
+The problem and meta-parameter kinds (tests/helpers.py) and the reference loop
+are those of tests/test_exactness.py (a Python-free ``lax.scan`` of ``jax.grad``
++ stock optax steps, differentiated by ``jax.grad``), run for every new hand-written
 optimizer and for one optimizer wrapped by ``reparameterize``, in float64,
 for the learning rate, per-parameter rates, loss weights and MAML in mixflow
 mode, and for the learning rate in standard mode. Where stock optax's meta-gradient is NaN (exactly
@@ -18,16 +18,6 @@ import numpy as np
 import optax
 import optax.contrib
 from absl.testing import absltest, parameterized
-from test_exactness import (
-  LR,
-  META_KINDS,
-  _hyperparams_fn,
-  _inner_loss,
-  _max_rel_err,
-  _meta_params,
-  _outer_loss,
-  _problem,
-)
 
 import mixflow_optax as mfo
 
@@ -62,14 +52,18 @@ OPTIMIZERS = {
 
 
 def _mfo_meta_loss(opt_name, kind, mode):
-  opt = OPTIMIZERS[opt_name][0](LR)
+  opt = OPTIMIZERS[opt_name][0](helpers.LR)
   run = mfo.unroll(
-    _inner_loss(kind), opt, hyperparams_fn=_hyperparams_fn(kind), mode=mode, remat=True
+    helpers.inner_loss(kind),
+    opt,
+    hyperparams_fn=helpers.hyperparams_fn(kind),
+    mode=mode,
+    remat=True,
   )
 
   def meta_loss(meta, params0, batches, outer):
     params, _ = run(meta, params0, opt.init(params0), batches)
-    return _outer_loss(params, outer)
+    return helpers.outer_loss(params, outer)
 
   return meta_loss
 
@@ -77,7 +71,7 @@ def _mfo_meta_loss(opt_name, kind, mode):
 def _reference_meta_loss(opt_name, kind):
   """Plain BPTT: jax.grad inside a lax.scan of stock optax steps."""
   stock = OPTIMIZERS[opt_name][1]
-  inner_loss = _inner_loss(kind)
+  inner_loss = helpers.inner_loss(kind)
 
   def meta_loss(meta, params0, batches, outer):
     scale = None
@@ -86,7 +80,7 @@ def _reference_meta_loss(opt_name, kind):
     elif kind == "per_param_rates":  # Stock optimizer at rate 1, rescaled per leaf.
       opt, scale = stock(1.0), jax.tree.map(jnp.exp, meta["log_lr"])
     else:
-      opt = stock(LR)
+      opt = stock(helpers.LR)
 
     def step(carry, batch):
       params, state = carry
@@ -97,7 +91,7 @@ def _reference_meta_loss(opt_name, kind):
       return (optax.apply_updates(params, updates), state), None
 
     (params, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), batches)
-    return _outer_loss(params, outer)
+    return helpers.outer_loss(params, outer)
 
   return meta_loss
 
@@ -106,8 +100,8 @@ def _reference_meta_loss(opt_name, kind):
 def _reference_meta_gradient(opt_name, kind):
   """Cached: shared by the two modes."""
   with jax.enable_x64(True):
-    params, batches, outer = _problem(STEPS)
-    meta = _meta_params(kind, params)
+    params, batches, outer = helpers.exactness_problem(STEPS)
+    meta = helpers.meta_params(kind, params)
     ref = jax.jit(jax.grad(_reference_meta_loss(opt_name, kind), argnums=(0, 1)))
     return jax.device_get(ref(meta, params, batches, outer))
 
@@ -118,7 +112,7 @@ def _reference_meta_gradient(opt_name, kind):
 _CASES = tuple(
   {"testcase_name": f"{o}_{k}_{m}", "opt_name": o, "kind": k, "mode": m}
   for o in OPTIMIZERS
-  for k in META_KINDS
+  for k in helpers.META_KINDS
   for m in (("mixflow", "standard") if k == "learning_rate" else ("mixflow",))
 )
 
@@ -126,8 +120,8 @@ _CASES = tuple(
 class ExactnessTest(helpers.F64TestCase):
   @parameterized.named_parameters(*_CASES)
   def test_matches_plain_bptt_through_stock_optax(self, opt_name, kind, mode):
-    params, batches, outer = _problem(STEPS)
-    meta = _meta_params(kind, params)
+    params, batches, outer = helpers.exactness_problem(STEPS)
+    meta = helpers.meta_params(kind, params)
     ours = jax.jit(jax.grad(_mfo_meta_loss(opt_name, kind, mode), argnums=(0, 1)))
     got = ours(meta, params, batches, outer)
     want = _reference_meta_gradient(opt_name, kind)
@@ -135,7 +129,7 @@ class ExactnessTest(helpers.F64TestCase):
     self.assertTrue(all(bool(np.all(np.isfinite(x))) for x in leaves), "stock reference is NaN")
     self.assertTrue(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got)))
     self.assertGreater(max(float(np.max(np.abs(x))) for x in leaves), 1e-6)  # Not vacuous.
-    self.assertLessEqual(_max_rel_err(got, want), 1e-10)
+    self.assertLessEqual(helpers.max_rel_err(got, want), 1e-10)
 
 
 # Optimizers whose stock meta-gradient is NaN when a gradient entry is exactly 0.

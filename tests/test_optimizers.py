@@ -6,7 +6,7 @@ dtypes, jit/scan/cond, optax wrappers, flax NNX), take ``hyperparams=``
 overrides (scalar and per-parameter) through which gradients flow exactly,
 stay finite where gradient entries are exactly zero, and offer the
 ``stop_gradient_denominator`` approximation on the Adam family. The tiny
-problem and the runners are those of tests/test_transforms.py.
+problem and the runners are those of tests/test_transforms.py (tests/helpers.py).
 """
 
 import functools
@@ -20,20 +20,6 @@ import optax
 import optax.contrib
 from absl.testing import absltest, parameterized
 from flax import nnx
-from test_transforms import (
-  _DTYPES,
-  _TIGHT,
-  _batch,
-  _central_fd,
-  _grad_sequence,
-  _loss,
-  _named_product,
-  _params,
-  _run,
-  _run_pair,
-  _updates_for,
-  _weighted_sum,
-)
 
 import mixflow_optax as mfo
 
@@ -154,16 +140,18 @@ class ConformanceTest(helpers.F64TestCase):
   def test_trajectory_and_state_match_optax(self, name):
     opt, ref = _pair(name)
     self.assertIsInstance(opt, T.ReparamTransformation)
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
     self.assertEqual(jax.tree.structure(opt.init(params)), jax.tree.structure(ref.init(params)))
     # 12 jitted steps, traced once.
-    (iterates, state), (ref_iterates, ref_state) = _run_pair(
+    (iterates, state), (ref_iterates, ref_state) = helpers.run_pair(
       opt, ref, params, batch, 12, wrap=chex.assert_max_traces(n=1)
     )
-    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
+    chex.assert_trees_all_close(iterates, ref_iterates, **helpers.TIGHT)
     chex.assert_trees_all_equal_structs(state, ref_state)
-    chex.assert_trees_all_close(state, ref_state, **_TIGHT)
-    self.assertLess(float(_loss(iterates[-1], batch)), 0.9 * float(_loss(params, batch)))
+    chex.assert_trees_all_close(state, ref_state, **helpers.TIGHT)
+    self.assertLess(
+      float(helpers.layer_loss(iterates[-1], batch)), 0.9 * float(helpers.layer_loss(params, batch))
+    )
 
   @parameterized.named_parameters(*_NAMES)
   def test_overrides_equal_construction_and_jit_does_not_retrace(self, name):
@@ -171,7 +159,7 @@ class ConformanceTest(helpers.F64TestCase):
     overrides = _OVERRIDES[name]
     opt = make()
     self.assertContainsSubset(set(overrides), set(opt.hyperparams))
-    params, grads = _params(), _grad_sequence(2)
+    params, grads = helpers.layer_params(), helpers.grad_sequence(2)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -186,20 +174,23 @@ class ConformanceTest(helpers.F64TestCase):
     u2, s2 = update(grads[1], s1, params, hp1)
     ref = make_ref(**overrides)
     _, r1 = make_ref().update(grads[0], ref.init(params), params)
-    chex.assert_trees_all_close((u2, s2), ref.update(grads[1], r1, params), **_TIGHT)
+    chex.assert_trees_all_close((u2, s2), ref.update(grads[1], r1, params), **helpers.TIGHT)
 
   @parameterized.named_parameters(
-    *_named_product(name=_OPTIMIZERS, wrapper=("chain", "multi_steps", "inject_hyperparams"))
+    *helpers.named_product(name=_OPTIMIZERS, wrapper=("chain", "multi_steps", "inject_hyperparams"))
   )
   def test_inside_optax_wrappers(self, name, wrapper):
     make, make_ref = _OPTIMIZERS[name]
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
     if wrapper == "chain":
       wrap = lambda t: optax.chain(optax.clip(1.0), t, optax.scale(0.5))
-      results = _run(wrap(make()), params, batch, 3), _run(wrap(make_ref()), params, batch, 3)
+      results = (
+        helpers.run(wrap(make()), params, batch, 3),
+        helpers.run(wrap(make_ref()), params, batch, 3),
+      )
     elif wrapper == "multi_steps":  # Branches with lax.cond: jit it.
       wrap = lambda t: optax.MultiSteps(t, every_k_schedule=2)
-      results = _run_pair(wrap(make()), wrap(make_ref()), params, batch, 4)
+      results = helpers.run_pair(wrap(make()), wrap(make_ref()), params, batch, 4)
     else:
       # optax.inject_hyperparams would take the dtype class for a schedule.
       inject = functools.partial(optax.inject_hyperparams, static_args=("dtype_momentum",))
@@ -207,15 +198,15 @@ class ConformanceTest(helpers.F64TestCase):
         inject = optax.inject_hyperparams
       opt = inject(make.func)(**make.keywords)
       ref = inject(make_ref.func)(**make_ref.keywords)
-      results = _run(opt, params, batch, 3), _run(ref, params, batch, 3)
-    chex.assert_trees_all_close(results[0], results[1], **_TIGHT)
+      results = helpers.run(opt, params, batch, 3), helpers.run(ref, params, batch, 3)
+    chex.assert_trees_all_close(results[0], results[1], **helpers.TIGHT)
 
-  @parameterized.named_parameters(*_named_product(name=_OPTIMIZERS, dtype=_DTYPES))
+  @parameterized.named_parameters(*helpers.named_product(name=_OPTIMIZERS, dtype=helpers.DTYPES))
   def test_dtype_preserved(self, name, dtype):
     opt, ref = _pair(name)
-    dtype = _DTYPES[dtype]
-    params = _params(dtype)
-    grads = _grad_sequence(1, dtype)[0]
+    dtype = helpers.DTYPES[dtype]
+    params = helpers.layer_params(dtype)
+    grads = helpers.grad_sequence(1, dtype)[0]
 
     def two_steps(opt):
       _, state = opt.update(grads, opt.init(params), params)
@@ -232,12 +223,12 @@ class ConformanceTest(helpers.F64TestCase):
   @parameterized.named_parameters(*_NAMES)
   def test_state_through_scan_and_cond(self, name):
     opt = _OPTIMIZERS[name][0]()
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
     preds = (True, False, True)
 
     def body(carry, pred):
       p, s = carry
-      g = jax.grad(_loss)(p, batch)
+      g = jax.grad(helpers.layer_loss)(p, batch)
       half = jax.tree.map(lambda x: 0.5 * x, g)
       u, s = jax.lax.cond(pred, lambda: opt.update(g, s, p), lambda: opt.update(half, s, p))
       return (optax.apply_updates(p, u), s), None
@@ -246,14 +237,14 @@ class ConformanceTest(helpers.F64TestCase):
     p_scan, s_scan = scanned(params, opt.init(params))
     p, s = params, opt.init(params)  # The same steps, eagerly.
     for pred in preds:
-      g = jax.grad(_loss)(p, batch)
+      g = jax.grad(helpers.layer_loss)(p, batch)
       u, s = opt.update(jax.tree.map(lambda x: (1.0 if pred else 0.5) * x, g), s, p)
       p = optax.apply_updates(p, u)
-    chex.assert_trees_all_close((p_scan, s_scan), (p, s), **_TIGHT)
+    chex.assert_trees_all_close((p_scan, s_scan), (p, s), **helpers.TIGHT)
 
   @parameterized.named_parameters(*_NAMES)
   def test_flax_nnx_optimizer(self, name):
-    x, y = _batch()
+    x, y = helpers.layer_batch()
 
     def loss_fn(model):
       return jnp.mean((jnp.tanh(model(x)) - y) ** 2)
@@ -266,10 +257,10 @@ class ConformanceTest(helpers.F64TestCase):
       return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     make, make_ref = _OPTIMIZERS[name]
-    chex.assert_trees_all_close(train(make()), train(make_ref()), **_TIGHT)
+    chex.assert_trees_all_close(train(make()), train(make_ref()), **helpers.TIGHT)
     overrides = _OVERRIDES[name]
     chex.assert_trees_all_close(
-      train(make(), hyperparams=overrides), train(make_ref(**overrides)), **_TIGHT
+      train(make(), hyperparams=overrides), train(make_ref(**overrides)), **helpers.TIGHT
     )
 
 
@@ -281,31 +272,33 @@ class PerParameterTest(helpers.F64TestCase):
     make = _OPTIMIZERS[name][0]
     overrides = _OVERRIDES[name]
     opt = make()
-    grads_seq = _grad_sequence()
+    grads_seq = helpers.grad_sequence()
     # "w" takes the overrides, "b" the defaults.
     mixed = {k: {"w": v, "b": opt.hyperparams[k]} for k, v in overrides.items()}
-    u_mixed = _updates_for(opt, grads_seq, hyperparams=mixed)
-    u_w = _updates_for(opt, grads_seq, hyperparams=overrides)
-    u_b = _updates_for(opt, grads_seq)
+    u_mixed = helpers.updates_for(opt, grads_seq, hyperparams=mixed)
+    u_w = helpers.updates_for(opt, grads_seq, hyperparams=overrides)
+    u_b = helpers.updates_for(opt, grads_seq)
     for u, uw, ub in zip(u_mixed, u_w, u_b):
-      chex.assert_trees_all_close(u["w"], uw["w"], **_TIGHT)
-      chex.assert_trees_all_close(u["b"], ub["b"], **_TIGHT)
+      chex.assert_trees_all_close(u["w"], uw["w"], **helpers.TIGHT)
+      chex.assert_trees_all_close(u["b"], ub["b"], **helpers.TIGHT)
 
   @parameterized.named_parameters(
     ("lion", "lion"), ("nadam", "nadam"), ("amsgrad", "amsgrad"), ("adagrad", "adagrad")
   )
   def test_per_element_learning_rate(self, name):
     opt = _OPTIMIZERS[name][0]()
-    grads_seq = _grad_sequence()
+    grads_seq = helpers.grad_sequence()
     rates = {"w": jnp.asarray([[0.1, 0.2], [0.3, 0.05], [0.0, 1.0]]), "b": jnp.asarray(0.07)}
-    u_rates = _updates_for(opt, grads_seq, hyperparams={"learning_rate": rates})
+    u_rates = helpers.updates_for(opt, grads_seq, hyperparams={"learning_rate": rates})
     # Fixed parameters would be needed for linearity in the rate; compare the
     # first step, where the state is still the initial one.
-    unit = _updates_for(opt, grads_seq[:1], hyperparams={"learning_rate": 1.0})
-    chex.assert_trees_all_close(u_rates[0], jax.tree.map(jnp.multiply, rates, unit[0]), **_TIGHT)
+    unit = helpers.updates_for(opt, grads_seq[:1], hyperparams={"learning_rate": 1.0})
+    chex.assert_trees_all_close(
+      u_rates[0], jax.tree.map(jnp.multiply, rates, unit[0]), **helpers.TIGHT
+    )
 
   def test_trust_ratio_and_block_rms_reject_per_element_values(self):
-    params, g = _params(), _grad_sequence(1)[0]
+    params, g = helpers.layer_params(), helpers.grad_sequence(1)[0]
     for opt, hp in (
       (T.scale_by_trust_ratio(), {"trust_coefficient": {"w": jnp.ones((3, 2)), "b": 1.0}}),
       (T.clip_by_block_rms(1.0), {"threshold": {"w": jnp.ones((3, 2)), "b": 1.0}}),
@@ -360,25 +353,27 @@ class HyperparamGradientTest(helpers.F64TestCase):
   @parameterized.named_parameters(*_FD_CASES)
   def test_grad_matches_finite_differences(self, make, name, value):
     opt = make()
-    grads_seq = _grad_sequence()
+    grads_seq = helpers.grad_sequence()
 
     def f(h):
-      return _weighted_sum(_updates_for(opt, grads_seq, hyperparams={name: h}))
+      return helpers.weighted_sum(helpers.updates_for(opt, grads_seq, hyperparams={name: h}))
 
     grad = jax.grad(f)(jnp.asarray(value))
     step, rtol = _FD_STEP_AND_RTOL.get(
       self._testMethodName.split("finite_differences_")[1], (1e-6, 1e-6)
     )
-    fd = _central_fd(f, jnp.asarray(value), step * value)
+    fd = helpers.central_fd(f, jnp.asarray(value), step * value)
     np.testing.assert_allclose(grad, fd, rtol=rtol, atol=1e-9)
     self.assertGreater(abs(float(grad)), 1e-6)  # Not vacuous.
 
   def test_lion_sign_has_zero_derivative_in_b1_b2(self):
     opt = T.lion(0.1)
-    grads_seq = _grad_sequence()
+    grads_seq = helpers.grad_sequence()
     for name in ("b1", "b2"):
       grad = jax.grad(
-        lambda h, name=name: _weighted_sum(_updates_for(opt, grads_seq, hyperparams={name: h}))
+        lambda h, name=name: helpers.weighted_sum(
+          helpers.updates_for(opt, grads_seq, hyperparams={name: h})
+        )
       )(jnp.asarray(0.9))
       self.assertEqual(float(grad), 0.0)
 
@@ -423,16 +418,18 @@ _STOCK_IS_NAN = {
 
 
 class ZeroGradientTest(helpers.F64TestCase):
-  @parameterized.named_parameters(*_named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all")))
+  @parameterized.named_parameters(
+    *helpers.named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all"))
+  )
   def test_meta_gradient_wrt_learning_rate(self, name, zeros):
     make, make_ref = _TRAP_OPTIMIZERS[name]
-    params, batch = _params(), _batch(zeros=zeros)
+    params, batch = helpers.layer_params(), helpers.layer_batch(zeros=zeros)
     if zeros == "all":
       params["b"] = jnp.zeros_like(params["b"])
 
     def meta_loss(factory, lr):
-      iterates, _ = _run(factory(lr), params, batch, 3)
-      return _loss(iterates[-1], batch)
+      iterates, _ = helpers.run(factory(lr), params, batch, 3)
+      return helpers.layer_loss(iterates[-1], batch)
 
     lr = 0.05
     f = functools.partial(meta_loss, make)
@@ -440,7 +437,7 @@ class ZeroGradientTest(helpers.F64TestCase):
     ref_value, ref_grad = jax.value_and_grad(functools.partial(meta_loss, make_ref))(lr)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12, atol=1e-15)  # Same forward.
     self.assertTrue(np.isfinite(grad), msg=f"grad={grad}")
-    np.testing.assert_allclose(grad, _central_fd(f, lr, 1e-6), rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(grad, helpers.central_fd(f, lr, 1e-6), rtol=1e-6, atol=1e-10)
     if zeros == "some":
       self.assertGreater(abs(float(grad)), 1e-3)  # Not vacuous.
     if (name, zeros) in _STOCK_IS_NAN:
@@ -469,7 +466,7 @@ def _adam_with_stopped_denominator(lr, params, batch, steps, b1=0.9, b2=0.999, e
   m = jax.tree.map(jnp.zeros_like, params)
   v = jax.tree.map(jnp.zeros_like, params)
   for t in range(1, steps + 1):
-    g = jax.grad(_loss)(params, batch)
+    g = jax.grad(helpers.layer_loss)(params, batch)
     m = jax.tree.map(lambda m, g: (1 - b1) * g + b1 * m, m, g)
     v = jax.tree.map(lambda v, g: (1 - b2) * g**2 + b2 * v, v, g)
     params = jax.tree.map(
@@ -487,11 +484,11 @@ class StopGradientDenominatorTest(helpers.F64TestCase):
   @parameterized.named_parameters(*((n, n) for n in _STOP_GRADIENT))
   def test_same_trajectory_different_meta_gradient(self, name):
     factory = _STOP_GRADIENT[name]
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
 
     def meta_loss(stop, lr):
-      iterates, state = _run(factory(lr, stop_gradient_denominator=stop), params, batch, 3)
-      return _loss(iterates[-1], batch), (iterates, state)
+      iterates, state = helpers.run(factory(lr, stop_gradient_denominator=stop), params, batch, 3)
+      return helpers.layer_loss(iterates[-1], batch), (iterates, state)
 
     (value, aux), grad = jax.value_and_grad(functools.partial(meta_loss, False), has_aux=True)(0.05)
     (sg_value, sg_aux), sg_grad = jax.value_and_grad(
@@ -502,21 +499,23 @@ class StopGradientDenominatorTest(helpers.F64TestCase):
     self.assertGreater(abs(float(sg_grad - grad)), 1e-6 * abs(float(grad)))
 
   def test_adam_equals_written_out_reference(self):
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
 
     def meta_loss(lr):
-      iterates, _ = _run(T.adam(lr, stop_gradient_denominator=True), params, batch, 3)
-      return _loss(iterates[-1], batch)
+      iterates, _ = helpers.run(T.adam(lr, stop_gradient_denominator=True), params, batch, 3)
+      return helpers.layer_loss(iterates[-1], batch)
 
-    ref = jax.grad(lambda lr: _loss(_adam_with_stopped_denominator(lr, params, batch, 3), batch))
+    ref = jax.grad(
+      lambda lr: helpers.layer_loss(_adam_with_stopped_denominator(lr, params, batch, 3), batch)
+    )
     np.testing.assert_allclose(jax.grad(meta_loss)(0.05), ref(0.05), rtol=1e-10)
 
   def test_finite_at_zero_gradients_without_safe_sqrt(self):
-    params, batch = _params(), _batch(zeros="some")
+    params, batch = helpers.layer_params(), helpers.layer_batch(zeros="some")
 
     def meta_loss(lr):
-      iterates, _ = _run(T.adam(lr, stop_gradient_denominator=True), params, batch, 3)
-      return _loss(iterates[-1], batch)
+      iterates, _ = helpers.run(T.adam(lr, stop_gradient_denominator=True), params, batch, 3)
+      return helpers.layer_loss(iterates[-1], batch)
 
     self.assertTrue(np.isfinite(jax.grad(meta_loss)(0.05)))
 

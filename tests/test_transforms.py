@@ -8,7 +8,6 @@ exactly and finitely even where gradient entries are exactly zero.
 """
 
 import functools
-import itertools
 
 import chex
 import helpers
@@ -79,128 +78,6 @@ _OPTIMIZERS = {
 _NAMES = tuple((name, name) for name in _OPTIMIZERS)
 
 
-def _named_product(**axes):
-  """Like ``parameterized.product``, with readable ``a_b`` test ids."""
-  keys = list(axes)
-  return tuple(
-    {"testcase_name": "_".join(values), **dict(zip(keys, values))}
-    for values in itertools.product(*axes.values())
-  )
-
-
-_DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32, "f64": jnp.float64}
-
-# ---------------------------------------------------------------------------
-# A tiny problem: one tanh layer, 4 examples, 3 inputs, 2 outputs.
-# ---------------------------------------------------------------------------
-
-
-def _params(dtype=jnp.float64):
-  rng = np.random.RandomState(0)
-  return {
-    "w": jnp.asarray(0.5 * rng.normal(size=(3, 2)), dtype),
-    "b": jnp.asarray([0.1, -0.2], dtype),
-  }
-
-
-def _predict(params, x):
-  return jnp.tanh(x @ params["w"] + params["b"][None, :])
-
-
-def _batch(dtype=jnp.float64, zeros="none"):
-  """``zeros="some"``: a dead input, so ``grad w[2, :]`` is exactly 0 at every
-  step. ``zeros="all"``: zero inputs and targets, so with a zero bias the
-  whole gradient is exactly 0 (exactly, also under jit: tanh(0) = 0)."""
-  rng = np.random.RandomState(1)
-  x = rng.normal(size=(4, 3))
-  y = 0.5 * rng.normal(size=(4, 2))
-  if zeros == "some":
-    x[:, 2] = 0.0
-  if zeros == "all":
-    x[:], y[:] = 0.0, 0.0
-  return jnp.asarray(x, dtype), jnp.asarray(y, dtype)
-
-
-def _loss(params, batch):
-  x, y = batch
-  return jnp.mean((_predict(params, x) - y) ** 2)
-
-
-def _step(opt, params, state, batch, **update_kwargs):
-  grads = jax.grad(_loss)(params, batch)
-  updates, state = opt.update(grads, state, params, **update_kwargs)
-  return optax.apply_updates(params, updates), state
-
-
-def _run(opt, params, batch, steps, **update_kwargs):
-  """Runs ``steps`` eager optimizer steps; returns every iterate and the final state.
-
-  Eager on purpose: for a handful of steps on this tiny problem, dispatching
-  cached primitives costs far less than compiling.
-  """
-  state = opt.init(params)
-  iterates = []
-  for _ in range(steps):
-    params, state = _step(opt, params, state, batch, **update_kwargs)
-    iterates.append(params)
-  return iterates, state
-
-
-def _run_pair(opt, ref, params, batch, steps, *, wrap=lambda fn: fn):
-  """Runs ``opt`` and ``ref`` side by side under one ``jax.jit`` (one compile)."""
-
-  @jax.jit
-  @wrap
-  def step(pa, sa, pb, sb):
-    return _step(opt, pa, sa, batch) + _step(ref, pb, sb, batch)
-
-  pa, sa, pb, sb = params, opt.init(params), params, ref.init(params)
-  iterates, ref_iterates = [], []
-  for _ in range(steps):
-    pa, sa, pb, sb = step(pa, sa, pb, sb)
-    iterates.append(pa)
-    ref_iterates.append(pb)
-  return (iterates, sa), (ref_iterates, sb)
-
-
-def _grad_sequence(n=3, dtype=jnp.float64):
-  """Fixed gradient pytrees (independent of the parameters), global norm ~3."""
-  rng = np.random.RandomState(2)
-  return [
-    {
-      "w": jnp.asarray(rng.normal(size=(3, 2)), dtype),
-      "b": jnp.asarray(rng.normal(size=(2,)), dtype),
-    }
-    for _ in range(n)
-  ]
-
-
-def _updates_for(opt, grads_seq, params=None, **update_kwargs):
-  """Updates of ``opt`` for a fixed gradient sequence (parameters move)."""
-  params = _params() if params is None else params
-  state = opt.init(params)
-  out = []
-  for g in grads_seq:
-    u, state = opt.update(g, state, params, **update_kwargs)
-    params = optax.apply_updates(params, u)
-    out.append(u)
-  return out
-
-
-def _weighted_sum(tree_list):
-  """A fixed, non-symmetric linear functional of a list of update pytrees."""
-  total = 0.0
-  for i, tree in enumerate(tree_list):
-    for j, leaf in enumerate(jax.tree.leaves(tree)):
-      w = jnp.arange(1, leaf.size + 1, dtype=leaf.dtype).reshape(leaf.shape)
-      total = total + jnp.sum(jnp.sin(w + 3 * i + j) * leaf)
-  return total
-
-
-def _central_fd(f, x, h):
-  return (f(x + h) - f(x - h)) / (2 * h)
-
-
 def _assert_finite(testcase, tree):
   for leaf in jax.tree.leaves(tree):
     testcase.assertTrue(bool(jnp.all(jnp.isfinite(leaf))), msg=f"non-finite: {leaf}")
@@ -208,9 +85,6 @@ def _assert_finite(testcase, tree):
 
 def _has_nan(tree):
   return any(bool(jnp.any(jnp.isnan(leaf))) for leaf in jax.tree.leaves(tree))
-
-
-_TIGHT = dict(rtol=1e-12, atol=1e-12)
 
 
 class _X64TestCase(helpers.F64TestCase):
@@ -233,25 +107,27 @@ class ConformanceTest(_X64TestCase):
     opt, ref = make(), make_ref()
     self.assertIsInstance(opt, T.ReparamTransformation)
     self.assertIsInstance(opt, optax.GradientTransformationExtraArgs)
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
     self.assertEqual(jax.tree.structure(opt.init(params)), jax.tree.structure(ref.init(params)))
 
     # 20 jitted steps, traced once: no retrace when the values change.
-    (iterates, state), (ref_iterates, ref_state) = _run_pair(
+    (iterates, state), (ref_iterates, ref_state) = helpers.run_pair(
       opt, ref, params, batch, 20, wrap=chex.assert_max_traces(n=1)
     )
-    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
+    chex.assert_trees_all_close(iterates, ref_iterates, **helpers.TIGHT)
     self.assertEqual(jax.tree.structure(state), jax.tree.structure(ref_state))
     chex.assert_trees_all_equal_structs(state, ref_state)
-    chex.assert_trees_all_close(state, ref_state, **_TIGHT)
+    chex.assert_trees_all_close(state, ref_state, **helpers.TIGHT)
     # The run actually optimizes (guards against a vacuous comparison).
-    self.assertLess(float(_loss(iterates[-1], batch)), 0.8 * float(_loss(params, batch)))
+    self.assertLess(
+      float(helpers.layer_loss(iterates[-1], batch)), 0.8 * float(helpers.layer_loss(params, batch))
+    )
 
   @parameterized.named_parameters(*_NAMES)
   def test_jit_no_retrace_with_new_hyperparams(self, name):
     opt = _OPTIMIZERS[name][0]()
-    params = _params()
-    grads = _grad_sequence(2)
+    params = helpers.layer_params()
+    grads = helpers.grad_sequence(2)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -266,7 +142,7 @@ class ConformanceTest(_X64TestCase):
     state = init(params)
     init(jax.tree.map(lambda x: x + 1, params))
     chex.assert_trees_all_equal_structs(state, opt.init(params))
-    chex.assert_trees_all_close(state, opt.init(params), **_TIGHT)
+    chex.assert_trees_all_close(state, opt.init(params), **helpers.TIGHT)
 
     hp1 = {k: jnp.asarray(v) for k, v in opt.hyperparams.items() if not callable(v)}
     hp2 = {k: 0.9 * v for k, v in hp1.items()}
@@ -274,45 +150,45 @@ class ConformanceTest(_X64TestCase):
     chex.assert_trees_all_equal_shapes_and_dtypes(s1, state)
     u2, s2 = update(grads[1], s1, params, hp2)  # New values, same types: no retrace.
     chex.assert_trees_all_close(
-      (u2, s2), opt.update(grads[1], s1, params, hyperparams=hp2), **_TIGHT
+      (u2, s2), opt.update(grads[1], s1, params, hyperparams=hp2), **helpers.TIGHT
     )
 
   @parameterized.named_parameters(*_NAMES)
   def test_unknown_extra_args_are_ignored(self, name):
     opt = _OPTIMIZERS[name][0]()
-    params = _params()
-    grads = _grad_sequence(1)[0]
+    params = helpers.layer_params()
+    grads = helpers.grad_sequence(1)[0]
     state = opt.init(params)
     expected = opt.update(grads, state, params)
     actual = opt.update(grads, state, params, foo=1, loss=jnp.asarray(2.0))
-    chex.assert_trees_all_close(actual, expected, **_TIGHT)
+    chex.assert_trees_all_close(actual, expected, **helpers.TIGHT)
 
   @parameterized.named_parameters(
-    *_named_product(name=_OPTIMIZERS, wrapper=("chain", "multi_steps"))
+    *helpers.named_product(name=_OPTIMIZERS, wrapper=("chain", "multi_steps"))
   )
   def test_inside_optax_wrappers(self, name, wrapper):
     make, make_ref = _OPTIMIZERS[name]
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
     if wrapper == "chain":
       wrap = lambda t: optax.chain(optax.clip(1.0), t, optax.scale(0.5))
-      iterates, state = _run(wrap(make()), params, batch, 3)
-      ref_iterates, ref_state = _run(wrap(make_ref()), params, batch, 3)
+      iterates, state = helpers.run(wrap(make()), params, batch, 3)
+      ref_iterates, ref_state = helpers.run(wrap(make_ref()), params, batch, 3)
     else:  # MultiSteps branches with lax.cond: jit it.
       wrap = lambda t: optax.MultiSteps(t, every_k_schedule=2)
-      (iterates, state), (ref_iterates, ref_state) = _run_pair(
+      (iterates, state), (ref_iterates, ref_state) = helpers.run_pair(
         wrap(make()), wrap(make_ref()), params, batch, 4
       )
-      chex.assert_trees_all_close(iterates[0], params, **_TIGHT)  # Accumulating.
+      chex.assert_trees_all_close(iterates[0], params, **helpers.TIGHT)  # Accumulating.
       self.assertFalse(np.allclose(iterates[1]["w"], params["w"]))
-    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
-    chex.assert_trees_all_close(state, ref_state, **_TIGHT)
+    chex.assert_trees_all_close(iterates, ref_iterates, **helpers.TIGHT)
+    chex.assert_trees_all_close(state, ref_state, **helpers.TIGHT)
 
-  @parameterized.named_parameters(*_named_product(name=_OPTIMIZERS, dtype=_DTYPES))
+  @parameterized.named_parameters(*helpers.named_product(name=_OPTIMIZERS, dtype=helpers.DTYPES))
   def test_dtype_preserved(self, name, dtype):
     make, make_ref = _OPTIMIZERS[name]
-    dtype = _DTYPES[dtype]
-    params = _params(dtype)
-    grads = _grad_sequence(1, dtype)[0]
+    dtype = helpers.DTYPES[dtype]
+    params = helpers.layer_params(dtype)
+    grads = helpers.grad_sequence(1, dtype)[0]
 
     def two_steps(opt):
       state = opt.init(params)
@@ -341,13 +217,13 @@ class ConformanceTest(_X64TestCase):
   @parameterized.named_parameters(*_NAMES)
   def test_state_through_scan_and_cond(self, name):
     opt = _OPTIMIZERS[name][0]()
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
     state0 = opt.init(params)
     preds = (True, False, True)
 
     def body(carry, pred):
       p, s = carry
-      g = jax.grad(_loss)(p, batch)
+      g = jax.grad(helpers.layer_loss)(p, batch)
       half = jax.tree.map(lambda x: 0.5 * x, g)
       u, s = jax.lax.cond(pred, lambda: opt.update(g, s, p), lambda: opt.update(half, s, p))
       return (optax.apply_updates(p, u), s), None
@@ -358,15 +234,15 @@ class ConformanceTest(_X64TestCase):
 
     p, s = params, state0  # The same steps, eagerly.
     for pred in preds:
-      g = jax.grad(_loss)(p, batch)
+      g = jax.grad(helpers.layer_loss)(p, batch)
       u, s = opt.update(jax.tree.map(lambda x: (1.0 if pred else 0.5) * x, g), s, p)
       p = optax.apply_updates(p, u)
-    chex.assert_trees_all_close((p_scan, s_scan), (p, s), **_TIGHT)
+    chex.assert_trees_all_close((p_scan, s_scan), (p, s), **helpers.TIGHT)
 
   @parameterized.named_parameters(*_NAMES)
   def test_flax_nnx_optimizer(self, name):
     make, make_ref = _OPTIMIZERS[name]
-    x, y = _batch()
+    x, y = helpers.layer_batch()
 
     def loss_fn(model):
       return jnp.mean((jnp.tanh(model(x)) - y) ** 2)
@@ -380,14 +256,14 @@ class ConformanceTest(_X64TestCase):
 
     params, optimizer = train(make())
     ref_params, ref_optimizer = train(make_ref())
-    chex.assert_trees_all_close(params, ref_params, **_TIGHT)
+    chex.assert_trees_all_close(params, ref_params, **helpers.TIGHT)
     self.assertEqual(
       jax.tree.structure(nnx.as_pure(optimizer.opt_state)),
       jax.tree.structure(nnx.as_pure(ref_optimizer.opt_state)),
     )
 
   def test_flax_nnx_optimizer_passes_hyperparams(self):
-    x, y = _batch()
+    x, y = helpers.layer_batch()
 
     def loss_fn(model):
       return jnp.mean((jnp.tanh(model(x)) - y) ** 2)
@@ -401,17 +277,19 @@ class ConformanceTest(_X64TestCase):
 
     lr = jnp.asarray(0.03)
     chex.assert_trees_all_close(
-      train(T.adam(0.1), hyperparams={"learning_rate": lr}), train(optax.adam(0.03)), **_TIGHT
+      train(T.adam(0.1), hyperparams={"learning_rate": lr}),
+      train(optax.adam(0.03)),
+      **helpers.TIGHT,
     )
 
   def test_adamw_pytree_prefix_mask(self):
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
     for mask in ({"w": True, "b": False}, {"w": False, "b": True}, True):
-      iterates, state = _run(T.adamw(0.05, weight_decay=0.3, mask=mask), params, batch, 2)
-      ref_iterates, ref_state = _run(
+      iterates, state = helpers.run(T.adamw(0.05, weight_decay=0.3, mask=mask), params, batch, 2)
+      ref_iterates, ref_state = helpers.run(
         optax.adamw(0.05, weight_decay=0.3, mask=mask), params, batch, 2
       )
-      chex.assert_trees_all_close((iterates, state), (ref_iterates, ref_state), **_TIGHT)
+      chex.assert_trees_all_close((iterates, state), (ref_iterates, ref_state), **helpers.TIGHT)
 
 
 # ---------------------------------------------------------------------------
@@ -430,16 +308,16 @@ class InjectHyperparamsTest(_X64TestCase):
   def test_matches_optax(self, factory, ref_factory, kwargs):
     opt = optax.inject_hyperparams(factory)(**kwargs)
     ref = optax.inject_hyperparams(ref_factory)(**kwargs)
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
     p, s, rp, rs = params, opt.init(params), params, ref.init(params)
     self.assertEqual(jax.tree.structure(s), jax.tree.structure(rs))
     for i in range(3):
       if i == 1:  # Change a hyperparameter mid-run, the inject_hyperparams way.
         s.hyperparams["learning_rate"] = jnp.asarray(0.5 * kwargs["learning_rate"])
         rs.hyperparams["learning_rate"] = jnp.asarray(0.5 * kwargs["learning_rate"])
-      p, s = _step(opt, p, s, batch)
-      rp, rs = _step(ref, rp, rs, batch)
-      chex.assert_trees_all_close((p, s), (rp, rs), **_TIGHT)
+      p, s = helpers.step(opt, p, s, batch)
+      rp, rs = helpers.step(ref, rp, rs, batch)
+      chex.assert_trees_all_close((p, s), (rp, rs), **helpers.TIGHT)
 
 
 # ---------------------------------------------------------------------------
@@ -509,39 +387,41 @@ class ReparamTest(_X64TestCase):
   @parameterized.named_parameters(*((n, n) for n in _OVERRIDE_CASES))
   def test_override_equals_construction(self, name):
     factory, overrides = _OVERRIDE_CASES[name]
-    grads_seq = _grad_sequence()
-    expected = _updates_for(factory(**overrides), grads_seq)
-    actual = _updates_for(factory(), grads_seq, hyperparams=overrides)
-    chex.assert_trees_all_close(actual, expected, **_TIGHT)
+    grads_seq = helpers.grad_sequence()
+    expected = helpers.updates_for(factory(**overrides), grads_seq)
+    actual = helpers.updates_for(factory(), grads_seq, hyperparams=overrides)
+    chex.assert_trees_all_close(actual, expected, **helpers.TIGHT)
     as_arrays = {k: jnp.asarray(v) for k, v in overrides.items()}  # Scalar jnp arrays.
     chex.assert_trees_all_close(
-      _updates_for(factory(), grads_seq, hyperparams=as_arrays), expected, **_TIGHT
+      helpers.updates_for(factory(), grads_seq, hyperparams=as_arrays), expected, **helpers.TIGHT
     )
     # Omitted names keep their defaults; the defaults are not mutated.
     chex.assert_trees_all_close(
-      _updates_for(factory(), grads_seq, hyperparams={}),
-      _updates_for(factory(), grads_seq),
-      **_TIGHT,
+      helpers.updates_for(factory(), grads_seq, hyperparams={}),
+      helpers.updates_for(factory(), grads_seq),
+      **helpers.TIGHT,
     )
 
   @parameterized.named_parameters(*((n, n) for n in _LR_LAST))
   def test_per_parameter_learning_rate(self, name):
     opt = _LR_LAST[name]()
-    grads_seq = _grad_sequence()
-    mixed = _updates_for(opt, grads_seq, hyperparams={"learning_rate": {"w": 0.1, "b": 0.02}})
-    all_w = _updates_for(opt, grads_seq, hyperparams={"learning_rate": 0.1})
-    all_b = _updates_for(opt, grads_seq, hyperparams={"learning_rate": 0.02})
+    grads_seq = helpers.grad_sequence()
+    mixed = helpers.updates_for(
+      opt, grads_seq, hyperparams={"learning_rate": {"w": 0.1, "b": 0.02}}
+    )
+    all_w = helpers.updates_for(opt, grads_seq, hyperparams={"learning_rate": 0.1})
+    all_b = helpers.updates_for(opt, grads_seq, hyperparams={"learning_rate": 0.02})
     for u, uw, ub in zip(mixed, all_w, all_b):
-      chex.assert_trees_all_close(u["w"], uw["w"], **_TIGHT)
-      chex.assert_trees_all_close(u["b"], ub["b"], **_TIGHT)
+      chex.assert_trees_all_close(u["w"], uw["w"], **helpers.TIGHT)
+      chex.assert_trees_all_close(u["b"], ub["b"], **helpers.TIGHT)
 
   @parameterized.named_parameters(*((n, n) for n in _LR_LAST))
   def test_per_element_learning_rate(self, name):
     opt = _LR_LAST[name]()
     # Fixed gradients and parameters: every update is linear in the final
     # learning rate, element by element.
-    grads_seq = _grad_sequence()
-    params = _params()
+    grads_seq = helpers.grad_sequence()
+    params = helpers.layer_params()
     state = opt.init(params)
     unit_state = state
     rates = {
@@ -554,14 +434,14 @@ class ReparamTest(_X64TestCase):
       u, state = opt.update(g, state, params, hyperparams={"learning_rate": rates})
       unit, unit_state = opt.update(g, unit_state, params, hyperparams={"learning_rate": 1.0})
       ub, bstate = opt.update(g, bstate, params, hyperparams={"learning_rate": broadcast})
-      chex.assert_trees_all_close(u, jax.tree.map(jnp.multiply, rates, unit), **_TIGHT)
-      chex.assert_trees_all_close(ub, jax.tree.map(jnp.multiply, broadcast, unit), **_TIGHT)
+      chex.assert_trees_all_close(u, jax.tree.map(jnp.multiply, rates, unit), **helpers.TIGHT)
+      chex.assert_trees_all_close(ub, jax.tree.map(jnp.multiply, broadcast, unit), **helpers.TIGHT)
       for leaf, ref_leaf in zip(jax.tree.leaves(u), jax.tree.leaves(unit)):
         self.assertEqual(leaf.shape, ref_leaf.shape)
 
   def test_per_element_rates_in_other_hyperparams(self):
     """Per-element b1 / momentum / decay equal running each value separately."""
-    grads_seq = _grad_sequence()
+    grads_seq = helpers.grad_sequence()
     for opt, name, vals in (
       (T.adam(0.1), "b1", (0.5, 0.9)),
       (T.sgd(0.1, momentum=0.9), "momentum", (0.2, 0.9)),
@@ -570,16 +450,16 @@ class ReparamTest(_X64TestCase):
       lo, hi = vals
       mask = {"w": jnp.asarray([[True, False], [False, True], [True, True]]), "b": False}
       per_elem = jax.tree.map(lambda m: jnp.where(m, lo, hi), mask)
-      mixed = _updates_for(opt, grads_seq, hyperparams={name: per_elem})
-      u_lo = _updates_for(opt, grads_seq, hyperparams={name: lo})
-      u_hi = _updates_for(opt, grads_seq, hyperparams={name: hi})
+      mixed = helpers.updates_for(opt, grads_seq, hyperparams={name: per_elem})
+      u_lo = helpers.updates_for(opt, grads_seq, hyperparams={name: lo})
+      u_hi = helpers.updates_for(opt, grads_seq, hyperparams={name: hi})
       for u, a, b in zip(mixed, u_lo, u_hi):
         expected = jax.tree.map(lambda m, x, y: jnp.where(m, x, y), mask, a, b)
-        chex.assert_trees_all_close(u, expected, **_TIGHT)
+        chex.assert_trees_all_close(u, expected, **helpers.TIGHT)
 
   def test_integer_and_low_precision_hyperparams_keep_dtype(self):
-    params = jax.tree.map(lambda p: p.astype(jnp.float32), _params())
-    grads = jax.tree.map(lambda p: p.astype(jnp.float32), _grad_sequence(1)[0])
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), helpers.layer_params())
+    grads = jax.tree.map(lambda p: p.astype(jnp.float32), helpers.grad_sequence(1)[0])
     for opt, hp in (
       (T.sgd(0.1), {"learning_rate": 1}),
       (T.sgd(0.1), {"learning_rate": jnp.asarray(0.5, jnp.float64)}),
@@ -624,13 +504,13 @@ class HyperparamGradientTest(_X64TestCase):
   @parameterized.named_parameters(*_FD_CASES)
   def test_grad_matches_finite_differences(self, make, name, value):
     opt = make()
-    grads_seq = _grad_sequence()
+    grads_seq = helpers.grad_sequence()
 
     def f(h):
-      return _weighted_sum(_updates_for(opt, grads_seq, hyperparams={name: h}))
+      return helpers.weighted_sum(helpers.updates_for(opt, grads_seq, hyperparams={name: h}))
 
     grad = jax.grad(f)(jnp.asarray(value))
-    fd = _central_fd(f, value, 1e-6 * value)
+    fd = helpers.central_fd(f, value, 1e-6 * value)
     self.assertTrue(np.isfinite(grad))
     np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
     if name == "max_norm" and value > 5:
@@ -640,33 +520,35 @@ class HyperparamGradientTest(_X64TestCase):
 
   def test_grad_of_per_parameter_learning_rates(self):
     opt = T.adam(0.1)
-    grads_seq = _grad_sequence()
+    grads_seq = helpers.grad_sequence()
     rates = {"w": jnp.full((3, 2), 0.1), "b": jnp.asarray(0.05)}
 
     def f(r):
-      return _weighted_sum(_updates_for(opt, grads_seq, hyperparams={"learning_rate": r}))
+      return helpers.weighted_sum(
+        helpers.updates_for(opt, grads_seq, hyperparams={"learning_rate": r})
+      )
 
     grad = jax.grad(f)(rates)
-    fd_b = _central_fd(lambda b: f({"w": rates["w"], "b": b}), rates["b"], 1e-6)
+    fd_b = helpers.central_fd(lambda b: f({"w": rates["w"], "b": b}), rates["b"], 1e-6)
     np.testing.assert_allclose(grad["b"], fd_b, rtol=1e-7)
     self.assertEqual(grad["w"].shape, (3, 2))
     e = jnp.zeros((3, 2)).at[1, 0].set(1.0)
-    fd_w10 = _central_fd(lambda t: f({"w": rates["w"] + t * e, "b": rates["b"]}), 0.0, 1e-6)
+    fd_w10 = helpers.central_fd(lambda t: f({"w": rates["w"] + t * e, "b": rates["b"]}), 0.0, 1e-6)
     np.testing.assert_allclose(grad["w"][1, 0], fd_w10, rtol=1e-7)
 
   def test_grad_through_unrolled_training(self):
     """Meta-gradient of the loss after a few steps, w.r.t. lr and b1."""
     opt = T.adam(0.05)
-    params, batch = _params(), _batch()
+    params, batch = helpers.layer_params(), helpers.layer_batch()
 
     def meta_loss(hp):
-      iterates, _ = _run(opt, params, batch, 3, hyperparams=hp)
-      return _loss(iterates[-1], batch)
+      iterates, _ = helpers.run(opt, params, batch, 3, hyperparams=hp)
+      return helpers.layer_loss(iterates[-1], batch)
 
     hp = {"learning_rate": jnp.asarray(0.05), "b1": jnp.asarray(0.9)}
     grad = jax.grad(meta_loss)(hp)
     for k in hp:
-      fd = _central_fd(lambda v, k=k: meta_loss({**hp, k: v}), hp[k], 1e-6)
+      fd = helpers.central_fd(lambda v, k=k: meta_loss({**hp, k: v}), hp[k], 1e-6)
       np.testing.assert_allclose(grad[k], fd, rtol=1e-6)
 
 
@@ -677,8 +559,8 @@ class HyperparamGradientTest(_X64TestCase):
 
 class ErrorsTest(_X64TestCase):
   def _update(self, opt, **kw):
-    params = _params()
-    return opt.update(_grad_sequence(1)[0], opt.init(params), params, **kw)
+    params = helpers.layer_params()
+    return opt.update(helpers.grad_sequence(1)[0], opt.init(params), params, **kw)
 
   def test_unknown_name_lists_valid_names(self):
     with self.assertRaisesRegex(ValueError, "learning_rat") as cm:
@@ -697,7 +579,7 @@ class ErrorsTest(_X64TestCase):
     chex.assert_trees_all_close(
       self._update(opt, hyperparams={"momentum": 0.5}),
       self._update(T.trace(0.5)),
-      **_TIGHT,
+      **helpers.TIGHT,
     )
 
   def test_wrong_structure(self):
@@ -720,7 +602,7 @@ class ErrorsTest(_X64TestCase):
     with self.assertRaisesRegex(ValueError, "scalar"):
       self._update(T.clip_by_global_norm(1.0), hyperparams={"max_norm": jnp.ones(2)})
     with self.assertRaises(ValueError):  # add_decayed_weights needs params.
-      T.adamw(0.1).update(_params(), T.adamw(0.1).init(_params()))
+      T.adamw(0.1).update(helpers.layer_params(), T.adamw(0.1).init(helpers.layer_params()))
 
   def test_duplicate_names_in_chain(self):
     with self.assertRaisesRegex(ValueError, "named_chain"):
@@ -737,25 +619,25 @@ class ErrorsTest(_X64TestCase):
       ("b", T.scale_by_learning_rate(0.5, flip_sign=False)),
     )
     self.assertEqual(sorted(opt.hyperparams), ["a/learning_rate", "b/learning_rate"])
-    g = _grad_sequence(1)[0]
-    state = opt.init(_params())
+    g = helpers.grad_sequence(1)[0]
+    state = opt.init(helpers.layer_params())
     u, _ = opt.update(g, state)
-    chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.05 * x, g), **_TIGHT)
+    chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.05 * x, g), **helpers.TIGHT)
     u, _ = opt.update(g, state, hyperparams={"a/learning_rate": 0.2})
-    chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.1 * x, g), **_TIGHT)
+    chex.assert_trees_all_close(u, jax.tree.map(lambda x: 0.1 * x, g), **helpers.TIGHT)
     with self.assertRaisesRegex(ValueError, "a/learning_rate"):
       opt.update(g, state, hyperparams={"learning_rate": 0.2})
     # named_chain of the building blocks is optax.adam, with namespaced names.
     adam = T.named_chain(("adam", T.scale_by_adam()), ("lr", T.scale_by_learning_rate(0.05)))
-    params, batch = _params(), _batch()
-    iterates, _ = _run(adam, params, batch, 3)
-    ref_iterates, _ = _run(optax.adam(0.05), params, batch, 3)
-    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
-    iterates, _ = _run(
+    params, batch = helpers.layer_params(), helpers.layer_batch()
+    iterates, _ = helpers.run(adam, params, batch, 3)
+    ref_iterates, _ = helpers.run(optax.adam(0.05), params, batch, 3)
+    chex.assert_trees_all_close(iterates, ref_iterates, **helpers.TIGHT)
+    iterates, _ = helpers.run(
       adam, params, batch, 3, hyperparams={"lr/learning_rate": 0.01, "adam/b1": 0.5}
     )
-    ref_iterates, _ = _run(optax.adam(0.01, b1=0.5), params, batch, 3)
-    chex.assert_trees_all_close(iterates, ref_iterates, **_TIGHT)
+    ref_iterates, _ = helpers.run(optax.adam(0.01, b1=0.5), params, batch, 3)
+    chex.assert_trees_all_close(iterates, ref_iterates, **helpers.TIGHT)
 
 
 # ---------------------------------------------------------------------------
@@ -795,21 +677,23 @@ _STOCK_LR_GRAD_IS_NAN = {
 
 
 class ZeroGradientTest(_X64TestCase):
-  @parameterized.named_parameters(*_named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all")))
+  @parameterized.named_parameters(
+    *helpers.named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all"))
+  )
   def test_meta_gradient_wrt_learning_rate(self, name, zeros):
     make, make_ref = _TRAP_OPTIMIZERS[name]
-    params, batch = _params(), _batch(zeros=zeros)
+    params, batch = helpers.layer_params(), helpers.layer_batch(zeros=zeros)
     if zeros == "all":
       params["b"] = jnp.zeros_like(params["b"])
-    g0 = jax.grad(_loss)(params, batch)
+    g0 = jax.grad(helpers.layer_loss)(params, batch)
     if zeros == "some":
       self.assertTrue(bool(jnp.all(g0["w"][2] == 0)) and bool(jnp.all(g0["w"][:2] != 0)))
     else:
       self.assertTrue(all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(g0)))
 
     def meta_loss(factory, lr):
-      iterates, _ = _run(factory(lr), params, batch, 3)
-      return _loss(iterates[-1], batch)
+      iterates, _ = helpers.run(factory(lr), params, batch, 3)
+      return helpers.layer_loss(iterates[-1], batch)
 
     lr = 0.05
     f = functools.partial(meta_loss, make)
@@ -818,7 +702,7 @@ class ZeroGradientTest(_X64TestCase):
     ref_value, ref_grad = jax.value_and_grad(f_ref)(lr)
     np.testing.assert_allclose(value, ref_value, rtol=1e-12, atol=1e-15)  # Same forward.
     self.assertTrue(np.isfinite(grad), msg=f"grad={grad}")
-    np.testing.assert_allclose(grad, _central_fd(f, lr, 1e-6), rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(grad, helpers.central_fd(f, lr, 1e-6), rtol=1e-6, atol=1e-10)
     if zeros == "some":
       self.assertGreater(abs(float(grad)), 1e-3)  # Not vacuous.
     if (name, zeros) in _STOCK_LR_GRAD_IS_NAN:
@@ -826,7 +710,9 @@ class ZeroGradientTest(_X64TestCase):
     else:
       np.testing.assert_allclose(grad, ref_grad, rtol=1e-8)
 
-  @parameterized.named_parameters(*_named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all")))
+  @parameterized.named_parameters(
+    *helpers.named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all"))
+  )
   def test_gradient_wrt_gradient_input(self, name, zeros):
     """d(updates)/d(gradients) at gradients with exactly-zero entries."""
     make, make_ref = _TRAP_OPTIMIZERS[name]
@@ -834,7 +720,7 @@ class ZeroGradientTest(_X64TestCase):
     # within reach of central differences.
     make = functools.partial(make, eps=1e-3)
     make_ref = functools.partial(make_ref, eps=1e-3)
-    g = _grad_sequence(1)[0]
+    g = helpers.grad_sequence(1)[0]
     if zeros == "some":
       g = {"w": g["w"].at[1].set(0.0), "b": g["b"].at[0].set(0.0)}
     else:
@@ -843,7 +729,7 @@ class ZeroGradientTest(_X64TestCase):
 
     def f(factory, g):
       grads_seq = [jax.tree.map(lambda x, c=c: c * x, g) for c in coefficients]
-      return _weighted_sum(_updates_for(factory(0.1), grads_seq))
+      return helpers.weighted_sum(helpers.updates_for(factory(0.1), grads_seq))
 
     value, grad = jax.value_and_grad(functools.partial(f, make))(g)
     ref_value, ref_grad = jax.value_and_grad(functools.partial(f, make_ref))(g)

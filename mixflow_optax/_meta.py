@@ -394,11 +394,10 @@ def meta_optimizer(
     batched_tasks: ``inner_batches`` and ``outer_batch`` have a leading task
       axis; the inner problem is vmapped over tasks and the meta-gradient is
       the mean over tasks (needs ``reset_inner`` or ``init_params_fn``).
-    remat, save_inner_grads, fallback, checkpoint_every, unroll_steps,
-      offload_carries: as in :func:`mixflow_optax.unroll`
-      (``checkpoint_every=K`` for long horizons: store the inner carry every
-      K steps only; ``offload_carries=True``: keep the stored carries in host
-      memory on GPU/TPU).
+    remat, save_inner_grads, fallback, checkpoint_every, unroll_steps, offload_carries: as in
+      :func:`mixflow_optax.unroll` (``checkpoint_every=K`` for long horizons:
+      store the inner carry every K steps only; ``offload_carries=True``: keep
+      the stored carries in host memory on GPU/TPU).
     has_model_state: the model has non-parameter state updated by its
       forward pass (BatchNorm statistics). Then ``inner_loss(params,
       meta_params, batch, model_state) -> (loss, new_model_state)`` and
@@ -429,8 +428,8 @@ def meta_optimizer(
     A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
     params=None, model_state=None)`` (``params`` is required unless
     ``init_params_fn`` is given; the state holds copies of the arrays, so
-    ``jax.jit(step, donate_argnums=0)`` leaves the caller's own intact). ``step(state, inner_batches, outer_batch)
-    -> (state, metrics)`` is pure and jit-able; ``metrics`` has
+    ``jax.jit(step, donate_argnums=0)`` leaves the caller's own intact).
+    ``step(state, inner_batches, outer_batch) -> (state, metrics)`` is pure and jit-able; ``metrics`` has
     ``outer_loss`` (before the update), ``inner_losses`` (shape ``(T,)``, or
     ``(tasks, T)``) and ``meta_grad_norm``.
 

@@ -1,5 +1,6 @@
 """mfo.nn: blockwise attention and chunked losses, exact in every order of differentiation."""
 
+import functools
 import json
 import os
 import pathlib
@@ -8,11 +9,13 @@ import sys
 import textwrap
 
 import chex
+import flax.linen as linen
 import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
+from flax import nnx
 
 import mixflow_optax as mfo
 
@@ -228,6 +231,77 @@ class AttentionTest(helpers.F64TestCase):
     mixflow, standard = meta_grad("mixflow"), meta_grad("standard")
     self.assertGreater(float(jnp.abs(mixflow[0])), 1e-4)
     chex.assert_trees_all_close(mixflow, standard, rtol=1e-10, atol=1e-13)
+
+
+class FlaxTest(helpers.TestCase):
+  def test_nnx_multi_head_attention(self):
+    x = jax.random.normal(jax.random.key(0), (2, 37, 16))
+    mask = nnx.make_causal_mask(x[..., 0])  # float 0/1, (batch, 1, q, k)
+    make = lambda fn: nnx.MultiHeadAttention(
+      num_heads=4, in_features=16, decode=False, attention_fn=fn, rngs=nnx.Rngs(0)
+    )
+    ours = make(functools.partial(mfo.nn.flax_attention, block_size=8))
+    want = make(nnx.dot_product_attention)
+    chex.assert_trees_all_close(ours(x, mask=mask), want(x, mask=mask), atol=1e-5)
+    chex.assert_trees_all_close(ours(x, is_causal=True), want(x, is_causal=True), atol=1e-5)
+
+  def test_linen_multi_head_dot_product_attention(self):
+    x = jax.random.normal(jax.random.key(0), (2, 3, 21, 16))  # two batch dimensions
+    mask = linen.make_causal_mask(x[..., 0])
+    ours = linen.MultiHeadDotProductAttention(
+      num_heads=2, attention_fn=functools.partial(mfo.nn.flax_attention, block_size=4)
+    )
+    want = linen.MultiHeadDotProductAttention(num_heads=2)
+    params = want.init(jax.random.key(1), x, mask=mask)
+    chex.assert_trees_all_close(
+      ours.apply(params, x, mask=mask), want.apply(params, x, mask=mask), atol=1e-5
+    )
+
+  def test_dropout_and_sown_weights_raise(self):
+    q = jnp.ones((1, 4, 2, 8))
+    with self.assertRaisesRegex(ValueError, "dropout"):
+      mfo.nn.flax_attention(q, q, q, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    with self.assertRaisesRegex(ValueError, "sow"):
+      mfo.nn.flax_attention(q, q, q, module=object())
+
+
+def _naive_cross_entropy(hidden, w_out, labels, *, bias=None):
+  logits = hidden @ w_out + (0 if bias is None else bias[None, None, :])
+  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - label_logit
+
+
+class ChunkedCrossEntropyTest(helpers.F64TestCase):
+  @parameterized.named_parameters(
+    ("ragged_chunks_bias", 7, True),
+    ("one_chunk", 64, False),
+  )
+  def test_value_grad_hvp_match_naive_float64(self, chunk_size, use_bias):
+    keys = jax.random.split(jax.random.key(0), 4)
+    floats = {
+      "h": jax.random.normal(keys[0], (3, 11, 6)),
+      "w": jax.random.normal(keys[1], (6, 29)),
+    }
+    if use_bias:
+      floats["b"] = jax.random.normal(keys[2], (29,))
+    labels = jax.random.randint(keys[3], (3, 11), 0, 29)
+    weights = jnp.cos(jnp.arange(33.0)).reshape(3, 11)
+    tangents = jax.tree.map(lambda x: jnp.sin(2.0 * x), floats)
+
+    def value_grad_hvp(ce):
+      loss = lambda f: jnp.sum(weights * ce(f["h"], f["w"], labels, bias=f.get("b")))
+      grad, hvp = jax.jvp(jax.grad(loss), (floats,), (tangents,))
+      return ce(floats["h"], floats["w"], labels, bias=floats.get("b")), grad, hvp
+
+    ours = jax.jit(
+      lambda: value_grad_hvp(functools.partial(mfo.nn.chunked_cross_entropy, chunk_size=chunk_size))
+    )()
+    want = jax.jit(lambda: value_grad_hvp(_naive_cross_entropy))()
+    chex.assert_trees_all_close(ours, want, rtol=1e-12, atol=1e-12)
+
+  def test_bad_labels_raise(self):
+    with self.assertRaisesRegex(ValueError, "labels"):
+      mfo.nn.chunked_cross_entropy(jnp.ones((4, 3)), jnp.ones((3, 5)), jnp.ones((4,)))
 
 
 _MEMORY_SCRIPT = textwrap.dedent(

@@ -125,7 +125,11 @@ def _value_grad_hvp(attention, floats, other):
 
 
 class AttentionTest(helpers.F64TestCase):
-  @parameterized.product(case=tuple(_CASES), differentiation=("flash", "checkpoint"))
+  @parameterized.named_parameters(
+    (f"{case}_{differentiation}", case, differentiation)
+    for case in _CASES
+    for differentiation in ("flash", "checkpoint")
+  )
   def test_value_grad_hvp_match_naive_float64(self, case, differentiation):
     floats, other = _case(**_CASES[case])
     ours = _value_grad_hvp(

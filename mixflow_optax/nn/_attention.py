@@ -334,13 +334,16 @@ def dot_product_attention(
     block_size: keys per block (any sequence length works; the last block is
       padded). Memory grows with it, time shrinks with it up to a point.
     differentiation: ``"flash"`` (default): a ``jax.custom_vjp`` whose rules
-      are plain JAX: the forward saves only the output and the log-sum-exp,
+      are plain JAX: the forward saves only the output and the softmax row
+      statistics (maximum and sum),
       the backward recomputes each block's probabilities (FlashAttention-2,
       Algorithm 2). ``jax.grad`` and ``jax.jvp`` of ``jax.grad`` work, a bare
       ``jax.jvp`` (or ``jax.jacfwd``) of the attention does not.
       ``"checkpoint"``: plain differentiable JAX with ``jax.checkpoint`` per
-      block: every order of differentiation works, at more memory (the
-      online-softmax carry is stored per block).
+      block: every transformation works (a bare ``jax.jvp`` too), with less
+      memory for a plain gradient but slightly more for ``jax.jvp`` of
+      ``jax.grad`` and much more reverse-over-reverse (the online-softmax
+      carry is stored per block).
 
   Returns:
     The attention output, shaped and typed like ``query``.

@@ -1,7 +1,7 @@
 """mixflow_optax: exact meta-gradients through unrolled optax optimizers, computed
 with mixed-mode (forward-over-reverse) differentiation (MixFlow-MG)."""
 
-from mixflow_optax import transforms
+from mixflow_optax import nn, transforms
 from mixflow_optax._check_grad import (
   MetaGradientCheck,
   MetaGradientMismatchError,
@@ -29,6 +29,7 @@ __all__ = [
   "fwdrev_grad",
   "fwdrev_value_and_grad",
   "meta_optimizer",
+  "nn",
   "peak_memory",
   "transforms",
   "unroll",

@@ -1,14 +1,14 @@
-"""Command line: ``python -m mixflow_optax.bench`` / ``mixflow-bench``.
+"""Command line: ``python -m benchmarks`` (from the repository root).
 
 Examples::
 
-  python -m mixflow_optax.bench                       # the default suite (~6 min on 2 CPU cores)
-  python -m mixflow_optax.bench --suite tiny          # smoke run of every experiment, tiny models
-  python -m mixflow_optax.bench --experiments tasks,T --reps 5
-  python -m mixflow_optax.bench --experiments frontier --budget-gib 40
-  python -m mixflow_optax.bench --models lm --T 8 --compile-only
-  python -m mixflow_optax.bench --suite grid --tasks maml --models lm-m --T 2,4 --compile-only
-  python -m mixflow_optax.bench --suite full --size lm.seq_len=256
+  python -m benchmarks                       # the default suite (~6 min on 2 CPU cores)
+  python -m benchmarks --suite tiny          # smoke run of every experiment, tiny models
+  python -m benchmarks --experiments tasks,T --reps 5
+  python -m benchmarks --experiments frontier --budget-gib 40
+  python -m benchmarks --models lm --T 8 --compile-only
+  python -m benchmarks --suite grid --tasks maml --models lm-m --T 2,4 --compile-only
+  python -m benchmarks --suite full --size lm.seq_len=256
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mixflow_optax.bench._bench import METHODS
-from mixflow_optax.bench._problems import MODELS, TASKS, model_config
-from mixflow_optax.bench._report import (
+from benchmarks._bench import METHODS
+from benchmarks._problems import MODELS, TASKS, model_config
+from benchmarks._report import (
   check_targets,
   format_frontier,
   format_markdown,
@@ -34,7 +34,7 @@ from mixflow_optax.bench._report import (
   plot_results,
   save_results,
 )
-from mixflow_optax.bench._suite import (
+from benchmarks._suite import (
   EXPERIMENTS,
   SUITES,
   grid_suite,
@@ -91,7 +91,7 @@ def _model_name(name: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-    prog="mixflow-bench",
+    prog="python -m benchmarks",
     description=(
       "Memory and wall-clock of exact meta-gradients through T inner Adam steps "
       "(learning-rate learning, loss weighting, MAML): MixFlow-MG vs the standard "
@@ -191,7 +191,7 @@ def _experiment_tables(records, experiments: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of ``mixflow-bench``; returns the exit status."""
+  """Entry point of ``python -m benchmarks``; returns the exit status."""
   parser = _parser()
   args = parser.parse_args(argv)
   if args.reps < 1 and not args.compile_only:
@@ -226,9 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   t0 = time.perf_counter()
   meta = {
-    "command": " ".join(
-      ["python -m mixflow_optax.bench", *(sys.argv[1:] if argv is None else argv)]
-    ),
+    "command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
     "suite": suite.name,
     "jax": jax.__version__,
     "backend": jax.default_backend(),

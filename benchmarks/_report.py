@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from mixflow_optax.bench._bench import BEST_STANDARD, CORE_METHODS, REFERENCE
+from benchmarks._bench import BEST_STANDARD, CORE_METHODS, REFERENCE
 
 __all__ = [
   "format_table",
@@ -199,7 +199,7 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
 
 def _config_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
   """Records grouped by configuration (method -> record), in order of appearance."""
-  from mixflow_optax.bench._bench import config_key
+  from benchmarks._bench import config_key
 
   groups: dict[tuple, dict[str, dict[str, Any]]] = {}
   for r in records:

@@ -25,7 +25,7 @@ CPU:
 Every program is compiled once: points shared between experiments are
 measured once and tagged with all of them, and the frontier search reuses
 every measurement it can. Compile-only programs are compiled with
-:data:`~mixflow_optax.bench.FAST_COMPILE_OPTIONS` (their memory analysis is
+:data:`~benchmarks.FAST_COMPILE_OPTIONS` (their memory analysis is
 the same to within 0.1%); several compile in parallel threads (``jobs``); timing runs only
 after all compilation is done, one program at a time.
 
@@ -47,7 +47,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mixflow_optax.bench._bench import (
+from benchmarks._bench import (
   CORE_METHODS,
   FAST_COMPILE_OPTIONS,
   METHODS,
@@ -57,7 +57,7 @@ from mixflow_optax.bench._bench import (
   make_record,
   time_methods,
 )
-from mixflow_optax.bench._problems import LM_LADDER, TASKS, Problem, make_problem, model_config
+from benchmarks._problems import LM_LADDER, TASKS, Problem, make_problem, model_config
 
 __all__ = [
   "EXPERIMENTS",
@@ -87,7 +87,7 @@ class Point:
   """One configuration of the suite.
 
   Attributes:
-    task: one of :data:`~mixflow_optax.bench.TASKS`.
+    task: one of :data:`~benchmarks.TASKS`.
     model: a model name (``"lm-s"``, ``"mlp-M16"``, ...).
     T: number of inner steps.
     sizes: size overrides, e.g. ``(("batch", 4), ("seq_len", 128))``.
@@ -537,7 +537,7 @@ class _Progress:
   def __init__(self, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    self._bar = tqdm(total=total, desc="mixflow-bench", unit="step", disable=not enabled)
+    self._bar = tqdm(total=total, desc="benchmarks", unit="step", disable=not enabled)
     self._lock = threading.Lock()
 
   def add_total(self, n: int) -> None:
@@ -601,7 +601,7 @@ def run_suite(
     seed: PRNG seed of every problem.
     dtype: floating dtype of every problem.
     fast_compile: compile timed programs with
-      :data:`~mixflow_optax.bench.FAST_COMPILE_OPTIONS` too (faster runs,
+      :data:`~benchmarks.FAST_COMPILE_OPTIONS` too (faster runs,
       unrepresentative timings).
     jobs: programs compiled in parallel threads (default: up to 2, the CPU
       count). Timing never overlaps compilation.

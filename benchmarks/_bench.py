@@ -2,7 +2,7 @@ r"""Meta-gradient methods and their measurement (memory, time, agreement).
 
 Every method computes the meta-gradient of the outer loss after T inner Adam
 steps with respect to the meta-parameters :math:`\eta` (see
-:mod:`mixflow_optax.bench._problems` for the tasks):
+:mod:`benchmarks._problems` for the tasks):
 
 .. math::
 
@@ -69,7 +69,7 @@ import optax
 from jax.ad_checkpoint import checkpoint_name
 
 import mixflow_optax as mfo
-from mixflow_optax.bench._problems import Problem
+from benchmarks._problems import Problem
 
 __all__ = [
   "METHODS",
@@ -190,7 +190,7 @@ def make_meta_grad(problem: Problem, method: str) -> MetaGradFn:
   """The jitted meta-gradient of ``problem`` computed by ``method``.
 
   Args:
-    problem: a :class:`~mixflow_optax.bench.Problem`.
+    problem: a :class:`~benchmarks.Problem`.
     method: one of :data:`METHODS`.
 
   Returns:
@@ -199,7 +199,7 @@ def make_meta_grad(problem: Problem, method: str) -> MetaGradFn:
     they are not baked into the compiled program.
 
   Examples:
-    >>> from mixflow_optax.bench import make_problem
+    >>> from benchmarks import make_problem
     >>> p = make_problem("mlp", T=2, small=True)
     >>> f = make_meta_grad(p, "mixflow")
     >>> f(*p.args).shape
@@ -219,16 +219,19 @@ def compile_method(
     arg_mib, out_mib, alias_mib, total_mib``, ``None`` where the backend has
     none) and ``compile_s``, the seconds to trace, lower and compile.
   """
+  fn = make_meta_grad(problem, method)
   t0 = time.perf_counter()
-  compiled = make_meta_grad(problem, method).lower(*problem.args).compile(compiler_options)
+  mem = mfo.compiled_memory(fn, *problem.args, compiler_options=compiler_options)
   info: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
-  stats = compiled.memory_analysis()
-  fields = {"temp": "temp", "arg": "argument", "out": "output", "alias": "alias"}
-  for key, name in fields.items():
-    size = None if stats is None else getattr(stats, f"{name}_size_in_bytes", None)
-    info[f"{key}_mib"] = None if size is None else size / _MIB
-  parts = [info["temp_mib"], info["arg_mib"], info["out_mib"]]
-  info["total_mib"] = None if None in parts else sum(parts) - (info["alias_mib"] or 0.0)
+  # The same lowering and options again: JAX returns the executable it just compiled.
+  compiled = fn.lower(*problem.args).compile(compiler_options)
+  info.update(
+    temp_mib=mem.temp_bytes / _MIB,
+    arg_mib=mem.argument_bytes / _MIB,
+    out_mib=mem.output_bytes / _MIB,
+    alias_mib=mem.alias_bytes / _MIB,
+    total_mib=mem.total_mib,
+  )
   return compiled, info
 
 
@@ -410,7 +413,7 @@ def bench_problem(
     One record (dict) per method, with the ratios of :func:`add_ratios`.
 
   Examples:
-    >>> from mixflow_optax.bench import make_problem
+    >>> from benchmarks import make_problem
     >>> p = make_problem("mlp", T=2, small=True)
     >>> recs = bench_problem(p, compile_only=True, compiler_options=FAST_COMPILE_OPTIONS)
     >>> [r["method"] for r in recs]

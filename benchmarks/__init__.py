@@ -1,9 +1,9 @@
 """Benchmarks of MixFlow-MG meta-gradients against the standard implementations.
 
-Run ``python -m mixflow_optax.bench --help`` (or ``mixflow-bench``).
+Run ``python -m benchmarks --help`` from the repository root.
 """
 
-from mixflow_optax.bench._bench import (
+from benchmarks._bench import (
   CORE_METHODS,
   FAST_COMPILE_OPTIONS,
   METHODS,
@@ -13,7 +13,7 @@ from mixflow_optax.bench._bench import (
   make_meta_grad,
   time_methods,
 )
-from mixflow_optax.bench._problems import (
+from benchmarks._problems import (
   LM_LADDER,
   MODELS,
   TASKS,
@@ -25,7 +25,7 @@ from mixflow_optax.bench._problems import (
   mlp_problem,
   model_config,
 )
-from mixflow_optax.bench._report import (
+from benchmarks._report import (
   check_targets,
   format_frontier,
   format_markdown,
@@ -34,7 +34,7 @@ from mixflow_optax.bench._report import (
   plot_results,
   save_results,
 )
-from mixflow_optax.bench._suite import (
+from benchmarks._suite import (
   EXPERIMENTS,
   SUITES,
   Frontier,

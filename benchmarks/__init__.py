@@ -7,6 +7,7 @@ from benchmarks._bench import (
   CORE_METHODS,
   FAST_COMPILE_OPTIONS,
   METHODS,
+  NOT_META_GRADIENTS,
   add_ratios,
   bench_problem,
   compile_method,
@@ -16,6 +17,7 @@ from benchmarks._bench import (
 from benchmarks._problems import (
   LM_LADDER,
   MODELS,
+  NAIVE,
   TASKS,
   LMConfig,
   MLPConfig,
@@ -36,6 +38,7 @@ from benchmarks._report import (
 )
 from benchmarks._suite import (
   EXPERIMENTS,
+  LM_METHODS,
   SUITES,
   Frontier,
   Point,
@@ -53,6 +56,9 @@ __all__ = [
   "EXPERIMENTS",
   "FAST_COMPILE_OPTIONS",
   "LMConfig",
+  "LM_METHODS",
+  "NAIVE",
+  "NOT_META_GRADIENTS",
   "LM_LADDER",
   "METHODS",
   "MLPConfig",

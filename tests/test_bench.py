@@ -17,7 +17,9 @@ import pathlib
 import sys
 import tempfile
 
+import chex
 import helpers
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
@@ -56,6 +58,11 @@ KEYS = (
   "pct_faster_vs_standard_best",
   "rel_err",
   "meta_grad_norm",
+  "mem_vs_hvp",
+  "vocab",
+  "attention",
+  "block_remat",
+  "naive",
   "dtype",
   "backend",
   "config",
@@ -149,36 +156,89 @@ class ExactTest(helpers.F64TestCase):
     for task in bench.TASKS:
       assert _by(records, task=task, method="mixflow")[0]["mem_ratio_vs_standard"] > 1
 
+  def test_hvp_is_one_hessian_vector_product(self):
+    """The "hvp" floor: d/de of the inner gradient (parameters and loss weights) along theta."""
+    p = bench.make_problem("mlp", 2, small=True, seed=2, dtype=jnp.float64)
+    hvp = bench.make_meta_grad(p, "hvp")(*p.args)
+    batch = jax.tree.map(lambda x: x[0], p.inner_batches)
+
+    def grad_at(eps):
+      params = jax.tree.map(lambda x: (1 + eps) * x, p.params)  # The tangent is theta itself.
+      return jax.grad(p.inner_loss, argnums=(0, 1))(params, p.meta_params, batch)
+
+    eps = 1e-6
+    fd = jax.tree.map(lambda a, b: (a - b) / (2 * eps), grad_at(eps), grad_at(-eps))
+    chex.assert_trees_all_close(hvp, fd, rtol=1e-6, atol=1e-10)
+    # The mixed term (loss weights) is part of it: nonzero.
+    self.assertGreater(float(jnp.max(jnp.abs(hvp[1]))), 0.0)
+
+  def test_lm_variants_compute_one_model(self):
+    """Block remat, the attention and the chunked loss change the memory, not the model."""
+
+    def loss_and_grad(**sizes):
+      p = bench.make_problem("lm", 1, small=True, seed=1, dtype=jnp.float64, **sizes)
+      return jax.jit(jax.value_and_grad(p.outer_loss))(p.params, p.outer_batch)
+
+    want = loss_and_grad(block_remat=0, attn_block=8)  # One key block, no remat.
+    for sizes, rtol in (
+      ({}, 1e-12),
+      ({"loss_chunk": 3}, 1e-12),  # Chunks that do not divide the 16 tokens.
+      # jax.nn.dot_product_attention's XLA path takes its softmax in float32.
+      ({"attention": "xla"}, 1e-5),
+      (bench.NAIVE, 1e-5),
+    ):
+      chex.assert_trees_all_close(loss_and_grad(**sizes), want, rtol=rtol, atol=rtol * 1e-3)
+
 
 class BenchTest(helpers.TestCase):
   """Problems, suites, the frontier search and the command line at tiny sizes."""
 
   def test_lm_is_exact_in_float64(self):
     # run_suite turns x64 on for a float64 run, in every compile thread.
-    suite = bench.grid_suite(["loss_weighting"], ["lm"], [2], bench.CORE_METHODS, small=True)
+    # The default LM: per-block remat and mfo.nn attention (over two key blocks here).
+    suite = bench.grid_suite(["loss_weighting"], ["lm"], [2], bench.LM_METHODS, small=True)
     records = bench.run_suite(
       suite, reps=1, dtype=jnp.float64, fast_compile=True, progress=False
     ).records
-    assert [r["method"] for r in records] == list(bench.CORE_METHODS)
+    assert [r["method"] for r in records] == list(bench.LM_METHODS)
+    hvp = _by(records, method="hvp")[0]
     for r in records:
       _check_record(r, compile_only=False)
       assert (r["family"], r["model"], r["seq_len"]) == ("lm", "lm-s", 8)
-      assert r["rel_err"] < 1e-10, (r["method"], r["rel_err"])
+      assert (r["attention"], r["block_remat"], r["naive"]) == ("mfo", 1, False)
+      assert r["mem_vs_hvp"] == _approx(r["temp_mib"] / hvp["temp_mib"])
+      if r["method"] == "hvp":
+        assert r["rel_err"] is None  # Not a meta-gradient.
+      else:
+        assert r["rel_err"] < 1e-10, (r["method"], r["rel_err"])
 
   def test_fast_compile_keeps_the_memory_analysis(self):
     """Compile-only points use FAST_COMPILE_OPTIONS: their memory must be what optimised code needs."""
     # Explicit options, since tests run with fast-compile XLA_FLAGS (conftest.py).
     optimised = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
-    p = bench.make_problem("mlp", 2, small=True, abstract=True)
-    fast = bench.compile_method(p, "standard", FAST)[1]["temp_mib"]
-    slow = bench.compile_method(p, "standard", optimised)[1]["temp_mib"]
-    assert fast == _approx(slow, rel=0.01)
+    for model, method in (("mlp", "standard"), ("lm", "mixflow")):
+      p = bench.make_problem(model, 2, small=True, abstract=True)
+      fast = bench.compile_method(p, method, FAST)[1]["temp_mib"]
+      slow = bench.compile_method(p, method, optimised)[1]["temp_mib"]
+      assert fast == _approx(slow, rel=0.01), (model, fast, slow)
 
   def test_problems(self):
     p = bench.make_problem("lm-m", 3, task="learning_rate", abstract=True, batch=2)
     assert p.meta_params["log_lr"].shape == () and p.params["embed"].shape == (512, 256)
     assert p.inner_batches["tokens"].shape == (3, 2, 257)
     assert p.config["n_params"] == 4852992 and p.hyperparams_fn is not None
+    # The realistic LM by default; the naive one and the 32k vocabulary by name.
+    names = {
+      bench.make_problem(m, 1, abstract=True, **sizes).model: bench.model_config(m)[1]
+      for m, sizes in (("lm", {}), ("lm-s-naive", {}), ("lm-m", {"attention": "xla"}))
+    }
+    assert [(n, c.attention, c.block_remat) for n, c in names.items()] == [
+      ("lm-s", "mfo", 1),
+      ("lm-s-naive", "xla", 0),
+      ("lm-m-xla", "mfo", 1),  # The name says what the sizes changed.
+    ]
+    p = bench.make_problem("lm", 1, abstract=True, vocab=32768, loss_chunk=1024)
+    assert p.model == "lm-s-v32k-chunked" and p.params["embed"].shape == (32768, 128)
     p = bench.make_problem("mlp-M2", 2, task="maml", small=True)
     assert p.params is None and p.meta_params["hidden"]["w"].shape == (3, 8, 8)
     assert p.inner_batches["x"].shape == (2, 8, 8) and p.model == "mlp-M2"
@@ -298,7 +358,8 @@ class BenchTest(helpers.TestCase):
     with open(out / "run.json") as f:
       run = json.load(f)
     assert run["phase"] == "done" and run["suite"] == "tiny" and run["seconds"] > 0
-    assert [t["met"] is None for t in run["targets"]] == [False, True, False, False]
+    not_measured = [t["met"] is None for t in run["targets"]]
+    assert not_measured == [False, True, False, False, True, True, True]
     with open(out / "table.txt") as f:
       assert f.read().strip() in printed
     with open(out / "summary.md") as f:
@@ -330,12 +391,28 @@ class BenchTest(helpers.TestCase):
     assert ladder[0].timed and not ladder[-1].timed and ladder[-1].model == "lm-l"
     mlp_T = where("T", model="mlp-M16")
     assert {p.T for p in mlp_T} == {1, 2, 4, 8} and {4, 8} <= {p.T for p in mlp_T if p.timed}
-    assert {p.T for p in where("T", model="lm-s", timed=False)} == {1, 2, 4, 8}
+    assert {p.T for p in where("T", model="lm-s")} == {1, 2, 4, 8}
     assert {p.model for p in where("M", timed=True)} == {"mlp-M1", "mlp-M4", "mlp-M16"}
     assert len(where("M", timed=False)) == 2
-    assert where("batch", timed=True) == [] and len(where("batch")) == 3
-    assert [p.sizes for p in where("seq", timed=True)] == [(("batch", 4), ("seq_len", 128))]
+    # Compile-only sweeps, timed at their base (1024 tokens): time at long context too.
+    base = (("batch", 4), ("seq_len", 1024))
+    assert [p.sizes for p in where("batch", timed=True)] == [base] and len(where("batch")) == 3
+    assert [(p.model, p.sizes) for p in where("seq", timed=True)] == [
+      ("lm-s", (("batch", 4), ("seq_len", 128))),
+      ("lm-s", base),
+      ("lm-s-naive", base),
+    ]
+    seqs = {p.model: [] for p in where("seq")}
+    for p in where("seq"):
+      seqs[p.model].append(dict(p.sizes)["seq_len"])
+      # Every LM sweep point records the floor of one inner HVP too.
+      assert "hvp" in p.methods
+    assert max(seqs["lm-s"]) == 8192 and {1024, 4096} <= set(seqs["lm-s-naive"])
+    assert [dict(p.sizes)["vocab"] for p in where("vocab")] == [32768, 32768]
+    assert {dict(p.sizes)["loss_chunk"] > 0 for p in where("vocab")} == {False, True}
     assert default.frontier.budget_gib == 16.0 and default.frontier.model == "lm-s"
+    assert set(default.frontier.axes()) == {"model", "batch", "T", "seq"}
+    assert default.frontier.seqs[0] <= 1024 and default.frontier.seqs[-1] >= 65536
 
     sel = bench.select(default, tasks=["loss_weighting"], models=["lm-xs"], compile_only=True)
     assert [(p.model, p.sizes[1][1], p.timed) for p in sel.configurations()] == [
@@ -377,6 +454,8 @@ class BenchTest(helpers.TestCase):
       bench.make_problem("mlp", T=2, seq_len=3)
     with self.assertRaisesRegex(ValueError, "unknown method"):
       bench.make_meta_grad(bench.make_problem("mlp", T=1, small=True), "reverse")
+    with self.assertRaisesRegex(ValueError, "unknown attention"):
+      bench.LMConfig(attention="flash")
     with self.assertRaisesRegex(ValueError, "even head dimension"):
       bench.LMConfig(d_model=12, n_heads=4)
     with self.assertRaisesRegex(ValueError, "unknown suite"):
@@ -385,6 +464,8 @@ class BenchTest(helpers.TestCase):
       ["--models", "cnn"],
       ["--size", "lm.width=3"],
       ["--size", "lm.seq_len"],
+      ["--size", "lm.attention=flash"],
+      ["--size", "lm.batch=four"],
       ["--tasks", "distillation"],
       ["--experiments", "ladder,speed"],
       ["--models", "lm", "--tasks", "maml", "--T", "8"],  # nothing left

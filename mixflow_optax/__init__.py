@@ -1,7 +1,7 @@
 """mixflow_optax: exact meta-gradients through unrolled optax optimizers, computed
 with mixed-mode (forward-over-reverse) differentiation (MixFlow-MG)."""
 
-from mixflow_optax import transforms
+from mixflow_optax import nn, transforms
 from mixflow_optax._fwdrev import ForwardModeError, fwdrev_grad, fwdrev_value_and_grad
 from mixflow_optax._memory import CompiledMemory, compiled_memory, peak_memory
 from mixflow_optax._meta import MetaOptimizer, MetaState, meta_optimizer
@@ -19,6 +19,7 @@ __all__ = [
   "fwdrev_grad",
   "fwdrev_value_and_grad",
   "meta_optimizer",
+  "nn",
   "peak_memory",
   "transforms",
   "unroll",

@@ -1,0 +1,108 @@
+"""Measurements behind docs/long_context.md (run with XLA_FLAGS unset).
+
+Compiled temp memory (compile only) of the forward pass, the gradient and one
+forward-over-reverse Hessian-vector product (jax.jvp of jax.grad) of causal
+attention, naive XLA vs mfo.nn.dot_product_attention; the chunked LM head and
+cross entropy vs the naive one; and CPU time of forward + backward (medians of
+interleaved repetitions).
+
+  python docs/long_context_measure.py [memory|loss|time] > results.json
+"""
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mixflow_optax as mfo
+
+BATCH, HEADS, HEAD_DIM = 4, 4, 32
+
+
+def _attention(name):
+  if name == "xla":
+    return lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="xla"
+    )
+  differentiation, block = name.split(":")
+  return lambda q, k, v: mfo.nn.dot_product_attention(
+    q, k, v, is_causal=True, block_size=int(block), differentiation=differentiation
+  )
+
+
+def _programs(attention):
+  loss = lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v)))
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  return {
+    "forward": attention,
+    "grad": grad,
+    "hvp": lambda q, k, v: jax.jvp(grad, (q, k, v), (q, k, v)),
+  }
+
+
+def memory():
+  rows = []
+  for s in (1024, 4096, 8192):
+    x = jax.ShapeDtypeStruct((BATCH, s, HEADS, HEAD_DIM), jnp.float32)
+    for name in ("xla", "flash:256", "checkpoint:256", "flash:128", "flash:512"):
+      if s != 4096 and name in ("flash:128", "flash:512"):
+        continue
+      for prog, f in _programs(_attention(name)).items():
+        mib = mfo.compiled_memory(f, x, x, x).temp_mib
+        rows.append({"seq": s, "attention": name, "program": prog, "temp_mib": round(mib, 1)})
+        print(rows[-1], file=sys.stderr, flush=True)
+  return rows
+
+
+def loss():
+  rows = []
+  batch, seq, d, vocab = 4, 2048, 256, 32768
+  h = jax.ShapeDtypeStruct((batch, seq, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((d, vocab), jnp.float32)
+  labels = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  for name in ("naive", "chunked:256", "chunked:1024"):
+    if name == "naive":
+      f = lambda h, w, y: jnp.mean(
+        jax.nn.logsumexp(h @ w, axis=-1) - jnp.take_along_axis(h @ w, y[..., None], -1)[..., 0]
+      )
+    else:
+      chunk = int(name.split(":")[1])
+      f = lambda h, w, y, chunk=chunk: jnp.mean(
+        mfo.nn.chunked_cross_entropy(h, w, y, chunk_size=chunk)
+      )
+    grad = jax.grad(f, argnums=(0, 1))
+    hvp = lambda h, w, y, grad=grad: jax.jvp(lambda h, w: grad(h, w, y), (h, w), (h, w))
+    for prog, g in (("forward", f), ("grad", grad), ("hvp", hvp)):
+      mib = mfo.compiled_memory(g, h, w, labels).temp_mib
+      rows.append({"loss": name, "program": prog, "temp_mib": round(mib, 1)})
+      print(rows[-1], file=sys.stderr, flush=True)
+  return rows
+
+
+def timing(reps=7):
+  rows = []
+  for s in (1024, 2048):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (1, s, HEADS, HEAD_DIM)) for kk in keys)
+    fns = {}
+    for name in ("xla", "flash:256", "checkpoint:256"):
+      fns[name] = jax.jit(_programs(_attention(name))["grad"])
+      jax.block_until_ready(fns[name](q, k, v))
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+      for name, f in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(q, k, v))
+        times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+      rows.append({"seq": s, "attention": name, "median_ms": round(1e3 * float(np.median(ts)), 1)})
+      print(rows[-1], file=sys.stderr, flush=True)
+  return rows
+
+
+if __name__ == "__main__":
+  what = sys.argv[1] if len(sys.argv) > 1 else "memory"
+  print(json.dumps({"memory": memory, "loss": loss, "time": timing}[what]()))

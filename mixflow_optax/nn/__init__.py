@@ -1,0 +1,16 @@
+"""Neural-network pieces that keep their memory saving under forward-over-reverse.
+
+- :func:`dot_product_attention`: ``jax.nn.dot_product_attention`` semantics,
+  computed over key blocks: :math:`O(S \\cdot \\text{block})` memory for the
+  output, its gradient and ``jax.jvp`` of ``jax.grad``.
+- :func:`flax_attention`: the same as the ``attention_fn`` of Flax attention
+  modules (``flax.nnx.MultiHeadAttention``, ``flax.linen.MultiHeadDotProductAttention``).
+- :func:`chunked_cross_entropy`: LM head and cross entropy over chunks of
+  tokens, without the :math:`N \\times V` logits.
+"""
+
+from mixflow_optax.nn._attention import dot_product_attention
+from mixflow_optax.nn._flax import flax_attention
+from mixflow_optax.nn._losses import chunked_cross_entropy
+
+__all__ = ["chunked_cross_entropy", "dot_product_attention", "flax_attention"]

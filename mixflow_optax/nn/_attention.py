@@ -1,0 +1,398 @@
+r"""Memory-efficient attention that can be differentiated forward-over-reverse.
+
+Scaled dot-product attention with the semantics of
+``jax.nn.dot_product_attention``, computed over blocks of keys with an online
+softmax so that the :math:`B N T S` score matrix never exists at once. Fused
+attention kernels (cuDNN, Pallas, TPU flash/splash) are ``jax.custom_vjp`` or
+``pallas_call`` functions whose rules JAX cannot run under ``jax.jvp``; the
+meta-gradient rule of this library needs ``jax.jvp`` of ``jax.grad`` of the
+inner loss. Everything here is plain JAX, so both orders work, and the memory
+stays :math:`O(S \cdot \text{block})` in the forward pass, the gradient and
+the forward-over-reverse pass.
+
+References:
+  Rabe and Staats, `Self-attention Does Not Need O(n^2) Memory
+  <https://arxiv.org/abs/2112.05682>`_, 2021.
+
+  Dao, `FlashAttention-2: Faster Attention with Better Parallelism and Work
+  Partitioning <https://arxiv.org/abs/2307.08691>`_, ICLR 2024 (Algorithms 1-2).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["dot_product_attention"]
+
+Differentiation = Literal["flash", "checkpoint"]
+
+
+class _Config(NamedTuple):
+  """Static description of one attention call (hashable: a custom_vjp nondiff argument)."""
+
+  seq_q: int
+  seq_kv: int
+  block: int
+  num_blocks: int
+  is_causal: bool
+  window: tuple[int, int] | None
+  bias_full_kv: bool
+  mask_full_kv: bool
+
+
+def _large_negative(dtype: Any) -> jax.Array:
+  # The value jax.nn.dot_product_attention writes into masked logits: finite, so
+  # that a fully masked row is a uniform average (as there), capped at the
+  # float32 range as there.
+  big = min(float(jnp.finfo(dtype).max), float(jnp.finfo(np.float32).max))
+  return jnp.asarray(-0.7 * big, dtype=dtype)
+
+
+def _ensure_4d(x: Any) -> jax.Array:
+  x = jnp.asarray(x)
+  return x.reshape((1,) * (4 - x.ndim) + x.shape) if x.ndim < 4 else x
+
+
+def _check_inputs(query, key, value, bias, mask, q_len, kv_len) -> None:
+  if key.ndim != 4 or query.ndim != 4:
+    raise ValueError(
+      f"query and key must be (batch, seq, heads, head_dim) or (seq, heads, head_dim); got "
+      f"query {query.shape}, key {key.shape}."
+    )
+  b, s, k, h = key.shape
+  if value.shape != key.shape or value.dtype != key.dtype:
+    raise ValueError(
+      f"value must have key's shape and dtype {key.shape} {key.dtype}; got {value.shape} "
+      f"{value.dtype}."
+    )
+  if query.shape[0] != b or query.shape[3] != h or query.dtype != key.dtype:
+    raise ValueError(
+      f"query {query.shape} {query.dtype} must share batch, head_dim and dtype with key "
+      f"{key.shape} {key.dtype}."
+    )
+  if query.shape[2] % k:
+    raise ValueError(
+      f"The number of query heads ({query.shape[2]}) must be a multiple of the number of "
+      f"key/value heads ({k})."
+    )
+  if s == 0:
+    raise ValueError("key and value need at least one position (seq length 0 given).")
+  if mask is not None and mask.dtype != np.dtype(bool):
+    raise ValueError(
+      f"mask must be boolean (True = attend), got {mask.dtype}; pass additive masks as bias."
+    )
+  for name, x in (("bias", bias), ("mask", mask)):
+    if x is None:
+      continue
+    target = (b, query.shape[2], query.shape[1], s)
+    if x.ndim != 4 or any(d not in (1, t) for d, t in zip(x.shape, target)):
+      raise ValueError(
+        f"{name} of shape {x.shape} does not broadcast to (batch, heads, q_len, kv_len) = {target}."
+      )
+  for name, x in (("query_seq_lengths", q_len), ("key_value_seq_lengths", kv_len)):
+    if x is not None and (x.shape != (b,) or not jnp.issubdtype(x.dtype, jnp.integer)):
+      raise ValueError(f"{name} must be an integer array of shape ({b},); got {x.shape} {x.dtype}.")
+
+
+def _grouped(x: jax.Array | None, num_kv_heads: int) -> jax.Array | None:
+  """(b, n, t, s) with n in {1, N} -> (b, K or 1, G or 1, t, s)."""
+  if x is None:
+    return None
+  b, n, t, s = x.shape
+  return x.reshape(b, 1, 1, t, s) if n == 1 else x.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
+
+
+def _blocks(x: jax.Array, axis: int, cfg: _Config, fill: Any = 0) -> jax.Array:
+  """Pads ``axis`` (length S) to whole blocks and moves the block index to the front."""
+  pad = cfg.num_blocks * cfg.block - x.shape[axis]
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  x = jnp.pad(x, widths, constant_values=fill)
+  shape = x.shape[:axis] + (cfg.num_blocks, cfg.block) + x.shape[axis + 1 :]
+  return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unblocks(x: jax.Array, axis: int, cfg: _Config) -> jax.Array:
+  """Inverse of :func:`_blocks` (``axis`` counted without the leading block axis)."""
+  x = jnp.moveaxis(x, 0, axis)
+  x = x.reshape(x.shape[:axis] + (cfg.num_blocks * cfg.block,) + x.shape[axis + 2 :])
+  return jax.lax.slice_in_dim(x, 0, cfg.seq_kv, axis=axis)
+
+
+def _split(bias, mask, key, value, cfg: _Config):
+  """Scanned inputs (one slice per key block) and per-call constants."""
+  xs = {
+    "index": jnp.arange(cfg.num_blocks),
+    "key": _blocks(key, 1, cfg),
+    "value": _blocks(value, 1, cfg),
+  }
+  consts = {}
+  for name, x, full, fill in (
+    ("bias", bias, cfg.bias_full_kv, 0),
+    ("mask", mask, cfg.mask_full_kv, False),
+  ):
+    if x is not None:
+      (xs if full else consts)[name] = _blocks(x, 4, cfg, fill) if full else x
+  return xs, consts
+
+
+def _block_scores(q, blk, consts, q_len, kv_len, cfg: _Config):
+  """Logits of one key block, masked as jax.nn does; and where keys are real (not padding).
+
+  Returns ``(s, keep, real)``: ``s`` (B, K, G, T, block) with masked logits set
+  to the large negative value, ``keep`` the mask of logits that depend on the
+  inputs (None when nothing is masked), ``real`` (block,) False on padding.
+  """
+  s = jnp.einsum("btkgh,bskh->bkgts", q, blk["key"])
+  bias = blk.get("bias", consts.get("bias"))
+  if bias is not None:
+    s = s + bias
+  k_pos = blk["index"] * cfg.block + jnp.arange(cfg.block)
+  q_pos = jnp.arange(cfg.seq_q)
+  real = k_pos < cfg.seq_kv
+  keep = blk.get("mask", consts.get("mask"))
+  conds = []
+  if cfg.is_causal:
+    conds.append(q_pos[:, None] >= k_pos[None, :])
+  if cfg.window is not None:
+    left, right = cfg.window
+    conds.append(q_pos[:, None] <= k_pos[None, :] + left)
+    conds.append(q_pos[:, None] >= k_pos[None, :] - right)
+  if q_len is not None:
+    conds.append(
+      jnp.broadcast_to(q_pos[None, :, None] < q_len[:, None, None], s.shape[:1] + s.shape[3:])
+    )
+  if kv_len is not None:
+    conds.append(
+      jnp.broadcast_to(k_pos[None, None, :] < kv_len[:, None, None], s.shape[:1] + s.shape[3:])
+    )
+  for c in conds:
+    c = c.reshape(((c.shape[0],) if c.ndim == 3 else (1,)) + (1, 1) + c.shape[-2:])
+    keep = c if keep is None else jnp.logical_and(keep, c)
+  neg = _large_negative(s.dtype)
+  if keep is not None:
+    s = jnp.where(keep, s, neg)
+  return jnp.where(real[None, None, None, None, :], s, neg), keep, real
+
+
+def _forward(q, key, value, bias, mask, q_len, kv_len, cfg: _Config, remat: bool):
+  """Online softmax over key blocks: output (B, K, G, T, H), row maxima and sums (B, K, G, T).
+
+  The log-sum-exp is ``m + log(row_sum)``; it is kept as a pair because for a
+  fully masked row ``m`` is the large negative value and ``m + log(row_sum)``
+  rounds to it.
+  """
+  xs, consts = _split(bias, mask, key, value, cfg)
+  b, t, k, g, h = q.shape
+  neg = _large_negative(q.dtype)
+
+  def step(carry, blk):
+    m, row_sum, acc = carry
+    s, _, real = _block_scores(q, blk, consts, q_len, kv_len, cfg)
+    # The output does not depend on the running maximum (a shift of every
+    # logit), so it is a constant for differentiation: exact, and no
+    # derivative of max (ties, padding) enters any order of derivative.
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(real[None, None, None, None, :], jnp.exp(s - m_new[..., None]), 0)
+    row_sum = alpha * row_sum + p.sum(axis=-1)
+    acc = alpha[..., None] * acc + jnp.einsum("bkgts,bskh->bkgth", p, blk["value"])
+    return (m_new, row_sum, acc), None
+
+  if remat:
+    step = jax.checkpoint(step, prevent_cse=False)
+  init = (
+    jnp.full((b, k, g, t), neg, q.dtype),
+    jnp.zeros((b, k, g, t), q.dtype),
+    jnp.zeros((b, k, g, t, h), q.dtype),
+  )
+  (m, row_sum, acc), _ = jax.lax.scan(step, init, xs)
+  # row_sum >= 1: the running maximum is one of the row's logits.
+  return acc / row_sum[..., None], (m, row_sum)
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+  return x.sum(axis=axes, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, key, value, bias, mask, q_len, kv_len, cfg: _Config):
+  return _forward(q, key, value, bias, mask, q_len, kv_len, cfg, remat=True)[0]
+
+
+def _flash_fwd(q, key, value, bias, mask, q_len, kv_len, cfg: _Config):
+  # Calls _forward, never _flash: jax.jvp of jax.grad differentiates these
+  # rules, and a custom_vjp function inside them could not be differentiated
+  # in forward mode.
+  out, stats = _forward(q, key, value, bias, mask, q_len, kv_len, cfg, remat=True)
+  return out, (q, key, value, bias, mask, q_len, kv_len, out, stats)
+
+
+def _flash_bwd(cfg: _Config, res, d_out):
+  """FlashAttention-2 backward: recomputes each key block's probabilities from the row stats."""
+  q, key, value, bias, mask, q_len, kv_len, out, (m, row_sum) = res
+  inv_l = 1 / row_sum
+  xs, consts = _split(bias, mask, key, value, cfg)
+  delta = jnp.sum(d_out * out, axis=-1)  # (B, K, G, T)
+  d_out_t = jnp.moveaxis(d_out, 3, 1)  # (B, T, K, G, H)
+  bias_shape = None if bias is None else bias.shape[:4] + (cfg.block,)
+
+  def step(carry, blk):
+    d_q, d_bias_const = carry
+    s, keep, real = _block_scores(q, blk, consts, q_len, kv_len, cfg)
+    p = jnp.exp(s - m[..., None]) * inv_l[..., None]
+    p = jnp.where(real[None, None, None, None, :], p, 0)
+    d_value = jnp.einsum("bkgts,btkgh->bskh", p, d_out_t)
+    d_p = jnp.einsum("btkgh,bskh->bkgts", d_out_t, blk["value"])
+    d_s = p * (d_p - delta[..., None])
+    if keep is not None:
+      # Masked logits are the constant large negative value: no gradient.
+      d_s = jnp.where(keep, d_s, 0)
+    d_q = d_q + jnp.einsum("bkgts,bskh->btkgh", d_s, blk["key"])
+    d_key = jnp.einsum("bkgts,btkgh->bskh", d_s, q)
+    d_bias = None
+    if bias is not None:
+      d_bias = _sum_to(d_s, bias_shape)
+      if not cfg.bias_full_kv:
+        d_bias_const = d_bias_const + d_bias.sum(axis=-1, keepdims=True)
+        d_bias = None
+    return (d_q, d_bias_const), (d_key, d_value, d_bias)
+
+  init = (jnp.zeros_like(q), None if bias is None or cfg.bias_full_kv else jnp.zeros_like(bias))
+  (d_q, d_bias_const), (d_key, d_value, d_bias) = jax.lax.scan(
+    jax.checkpoint(step, prevent_cse=False), init, xs
+  )
+  d_key, d_value = _unblocks(d_key, 1, cfg), _unblocks(d_value, 1, cfg)
+  if bias is not None:
+    d_bias = _unblocks(d_bias, 4, cfg) if cfg.bias_full_kv else d_bias_const
+  return d_q, d_key, d_value, d_bias, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def dot_product_attention(
+  query: jax.typing.ArrayLike,
+  key: jax.typing.ArrayLike,
+  value: jax.typing.ArrayLike,
+  bias: jax.typing.ArrayLike | None = None,
+  mask: jax.typing.ArrayLike | None = None,
+  *,
+  scale: jax.typing.ArrayLike | None = None,
+  is_causal: bool = False,
+  query_seq_lengths: jax.typing.ArrayLike | None = None,
+  key_value_seq_lengths: jax.typing.ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  block_size: int = 256,
+  differentiation: Differentiation = "flash",
+) -> jax.Array:
+  r"""Scaled dot-product attention in key blocks; differentiable in every order.
+
+  .. math::
+
+    \mathrm{Attention}(Q, K, V) = \mathrm{softmax}\Big(s\, Q K^\top + B\Big) V,
+    \qquad s = 1 / \sqrt{d} \text{ by default},
+
+  with the arguments, layout and semantics of ``jax.nn.dot_product_attention``
+  (grouped-query attention, bias and mask broadcasting, causal masking,
+  sequence lengths, local windows, fully masked rows averaging every value as
+  there), computed over blocks of ``block_size`` keys with an online softmax
+  (FlashAttention-2, Algorithm 1). Memory is :math:`O(B N T \cdot
+  \text{block})` instead of :math:`O(B N T S)`, for the output, its gradient
+  *and* ``jax.jvp`` of ``jax.grad`` (forward-over-reverse, what
+  ``mfo.unroll(mode="mixflow")`` runs). The softmax runs in
+  ``promote_types(dtype, float32)``: float64 inputs give float64 attention
+  (``jax.nn``'s XLA path computes it in float32).
+
+  Args:
+    query: ``(batch, q_len, heads, head_dim)`` or ``(q_len, heads, head_dim)``.
+    key: ``(batch, kv_len, kv_heads, head_dim)``; ``heads`` a multiple of
+      ``kv_heads`` (grouped-query attention).
+    value: same shape and dtype as ``key``.
+    bias: optional additive logits bias, broadcastable to ``(batch, heads,
+      q_len, kv_len)`` (fewer dimensions are padded on the left).
+    mask: optional boolean mask (True = attend), broadcastable like ``bias``.
+    scale: logits scale; default ``1 / sqrt(head_dim)``. May be a traced array
+      (e.g. a meta-learned temperature).
+    is_causal: query ``i`` attends to keys ``j <= i``.
+    query_seq_lengths: ``(batch,)`` int; output rows past the length are 0.
+    key_value_seq_lengths: ``(batch,)`` int; keys past the length are masked.
+    local_window_size: ``(left, right)`` or ``w`` for ``(w, w)``: query ``i``
+      attends to keys ``i - left ... i + right``.
+    block_size: keys per block (any sequence length works; the last block is
+      padded). Memory grows with it, time shrinks with it up to a point.
+    differentiation: ``"flash"`` (default): a ``jax.custom_vjp`` whose rules
+      are plain JAX: the forward saves only the output and the log-sum-exp,
+      the backward recomputes each block's probabilities (FlashAttention-2,
+      Algorithm 2). ``jax.grad`` and ``jax.jvp`` of ``jax.grad`` work, a bare
+      ``jax.jvp`` (or ``jax.jacfwd``) of the attention does not.
+      ``"checkpoint"``: plain differentiable JAX with ``jax.checkpoint`` per
+      block: every order of differentiation works, at more memory (the
+      online-softmax carry is stored per block).
+
+  Returns:
+    The attention output, shaped and typed like ``query``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, mixflow_optax as mfo
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 100, 4, 8))
+    >>> out = mfo.nn.dot_product_attention(q, k, v, is_causal=True, block_size=32)
+    >>> ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    >>> bool(jnp.allclose(out, ref, atol=1e-5))
+    True
+
+  References:
+    Dao, `FlashAttention-2 <https://arxiv.org/abs/2307.08691>`_, ICLR 2024.
+  """
+  output_shape = jnp.shape(query)
+  query, key, value = _ensure_4d(query), _ensure_4d(key), _ensure_4d(value)
+  bias = None if bias is None else _ensure_4d(bias)
+  mask = None if mask is None else _ensure_4d(mask)
+  q_len = None if query_seq_lengths is None else jnp.asarray(query_seq_lengths)
+  kv_len = None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths)
+  _check_inputs(query, key, value, bias, mask, q_len, kv_len)
+  if differentiation not in ("flash", "checkpoint"):
+    raise ValueError(f'differentiation must be "flash" or "checkpoint", got {differentiation!r}.')
+  if isinstance(local_window_size, int):
+    local_window_size = (local_window_size, local_window_size)
+  b, t, n, h = query.shape
+  s, k = key.shape[1], key.shape[2]
+  block = max(1, min(int(block_size), s))
+  cfg = _Config(
+    seq_q=t,
+    seq_kv=s,
+    block=block,
+    num_blocks=-(-s // block),
+    is_causal=bool(is_causal),
+    window=None if local_window_size is None else tuple(int(w) for w in local_window_size),
+    bias_full_kv=bias is not None and bias.shape[3] > 1,
+    mask_full_kv=mask is not None and mask.shape[3] > 1,
+  )
+  dtype = jnp.promote_types(query.dtype, np.float32)
+  scale = 1.0 / np.sqrt(h) if scale is None else scale
+  # Scaling the queries (not the logits) lets a traced scale be differentiated
+  # by ordinary autodiff outside the custom rule.
+  q = (query.astype(dtype) * jnp.asarray(scale, dtype)).reshape(b, t, k, n // k, h)
+  args = (
+    q,
+    key.astype(dtype),
+    value.astype(dtype),
+    None if bias is None else _grouped(bias.astype(dtype), k),
+    _grouped(mask, k),
+    q_len,
+    kv_len,
+  )
+  if differentiation == "flash":
+    out = _flash(*args, cfg)
+  else:
+    out = _forward(*args, cfg, remat=True)[0]
+  out = jnp.moveaxis(out, 3, 1).reshape(b, t, n, h)  # (B, K, G, T, H) -> (B, T, N, H)
+  if q_len is not None:
+    out = out * (jnp.arange(t)[None, :] < q_len[:, None])[:, :, None, None].astype(dtype)
+  return out.reshape(output_shape).astype(query.dtype)

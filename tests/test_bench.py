@@ -400,7 +400,6 @@ class BenchTest(helpers.TestCase):
     assert [(p.model, p.sizes) for p in where("seq", timed=True)] == [
       ("lm-s", (("batch", 4), ("seq_len", 128))),
       ("lm-s", base),
-      ("lm-s-naive", base),
     ]
     seqs = {p.model: [] for p in where("seq")}
     for p in where("seq"):

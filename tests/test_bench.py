@@ -135,7 +135,9 @@ class ExactTest(helpers.F64TestCase):
     for r in records:
       _check_record(r, compile_only=False)
       assert r["dtype"] == "float64" and r["experiments"] == ["grid"]
-      if r["method"] != "first_order":
+      if r["method"] == "hvp":
+        assert r["rel_err"] is None  # The floor of one inner HVP: not a meta-gradient.
+      elif r["method"] != "first_order":
         assert r["rel_err"] < 1e-10, (r["task"], r["method"], r["rel_err"])
     # First-order drops the second-order terms: an approximation, and for loss
     # weights (which act only through the inner gradient) no signal at all.
@@ -180,14 +182,14 @@ class ExactTest(helpers.F64TestCase):
       return jax.jit(jax.value_and_grad(p.outer_loss))(p.params, p.outer_batch)
 
     want = loss_and_grad(block_remat=0, attn_block=8)  # One key block, no remat.
-    for sizes, rtol in (
-      ({}, 1e-12),
-      ({"loss_chunk": 3}, 1e-12),  # Chunks that do not divide the 16 tokens.
+    for sizes, tol in (
+      ({}, 1e-10),
+      ({"loss_chunk": 3}, 1e-10),  # Chunks that do not divide the 16 tokens.
       # jax.nn.dot_product_attention's XLA path takes its softmax in float32.
       ({"attention": "xla"}, 1e-5),
       (bench.NAIVE, 1e-5),
     ):
-      chex.assert_trees_all_close(loss_and_grad(**sizes), want, rtol=rtol, atol=rtol * 1e-3)
+      chex.assert_trees_all_close(loss_and_grad(**sizes), want, rtol=tol, atol=tol * 1e-2)
 
 
 class BenchTest(helpers.TestCase):

@@ -6,7 +6,7 @@ attention, naive XLA vs mfo.nn.dot_product_attention; the chunked LM head and
 cross entropy vs the naive one; and CPU time of forward + backward (medians of
 interleaved repetitions).
 
-  python docs/long_context_measure.py [memory|loss|time] > results.json
+  python docs/long_context_measure.py [memory|loss|time|second] > results.json
 """
 
 import json
@@ -103,6 +103,45 @@ def timing(reps=7):
   return rows
 
 
+def second_order(reps=7):
+  """flash vs checkpoint: reverse-over-reverse HVP memory, forward-over-reverse HVP time."""
+  rows = []
+  for name in ("flash:256", "checkpoint:256"):
+    grad = _programs(_attention(name))["grad"]
+    dot = lambda q, k, v, grad=grad: sum(jnp.vdot(a, b) for a, b in zip(grad(q, k, v), (q, k, v)))
+    reverse_hvp = jax.grad(dot, argnums=(0, 1, 2))
+    for s in (1024, 4096):
+      x = jax.ShapeDtypeStruct((BATCH, s, HEADS, HEAD_DIM), jnp.float32)
+      mib = mfo.compiled_memory(reverse_hvp, x, x, x).temp_mib
+      rows.append(
+        {"seq": s, "attention": name, "program": "reverse_hvp", "temp_mib": round(mib, 1)}
+      )
+      print(rows[-1], file=sys.stderr, flush=True)
+  for s in (1024, 2048):
+    q, k, v = (
+      jax.random.normal(kk, (1, s, HEADS, HEAD_DIM))
+      for kk in jax.random.split(jax.random.key(0), 3)
+    )
+    fns = {
+      name: jax.jit(_programs(_attention(name))["hvp"]) for name in ("flash:256", "checkpoint:256")
+    }
+    times = {name: [] for name in fns}
+    for f in fns.values():
+      jax.block_until_ready(f(q, k, v))
+    for _ in range(reps):
+      for name, f in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(q, k, v))
+        times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+      ms = round(1e3 * float(np.median(ts)), 1)
+      rows.append({"seq": s, "attention": name, "program": "hvp_time", "median_ms": ms})
+      print(rows[-1], file=sys.stderr, flush=True)
+  return rows
+
+
 if __name__ == "__main__":
   what = sys.argv[1] if len(sys.argv) > 1 else "memory"
-  print(json.dumps({"memory": memory, "loss": loss, "time": timing}[what]()))
+  print(
+    json.dumps({"memory": memory, "loss": loss, "time": timing, "second": second_order}[what]())
+  )

@@ -125,7 +125,11 @@ def _value_grad_hvp(attention, floats, other):
 
 
 class AttentionTest(helpers.F64TestCase):
-  @parameterized.product(case=tuple(_CASES), differentiation=("flash", "checkpoint"))
+  @parameterized.named_parameters(
+    (f"{case}_{differentiation}", case, differentiation)
+    for case in _CASES
+    for differentiation in ("flash", "checkpoint")
+  )
   def test_value_grad_hvp_match_naive_float64(self, case, differentiation):
     floats, other = _case(**_CASES[case])
     ours = _value_grad_hvp(
@@ -317,7 +321,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
   ours = lambda *a, **kw: mfo.nn.dot_product_attention(*a, **kw, block_size=64)
   x = lambda s: jax.ShapeDtypeStruct((1, s, 2, 16), jnp.float32)
   mem = lambda f, s: mfo.compiled_memory(hvp(f), x(s), x(s), x(s)).temp_bytes
-  print(json.dumps({"naive": mem(naive, 1024), "ours": mem(ours, 1024), "ours_2x": mem(ours, 2048)}))
+  out = {"naive": mem(naive, 1024), "ours": mem(ours, 1024), "ours_2x": mem(ours, 2048)}
+  print(json.dumps(out))
   """
 )
 

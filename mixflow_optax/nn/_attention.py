@@ -146,7 +146,8 @@ def _block_scores(q, blk, consts, q_len, kv_len, cfg: _Config):
 
   Returns ``(s, keep, real)``: ``s`` (B, K, G, T, block) with masked logits set
   to the large negative value, ``keep`` the mask of logits that depend on the
-  inputs (None when nothing is masked), ``real`` (block,) False on padding.
+  inputs (None when nothing is masked), ``real`` (block,) False on padding (None
+  when the keys fill whole blocks).
   """
   s = jnp.einsum("btkgh,bskh->bkgts", q, blk["key"])
   bias = blk.get("bias", consts.get("bias"))
@@ -177,7 +178,13 @@ def _block_scores(q, blk, consts, q_len, kv_len, cfg: _Config):
   neg = _large_negative(s.dtype)
   if keep is not None:
     s = jnp.where(keep, s, neg)
+  if cfg.num_blocks * cfg.block == cfg.seq_kv:
+    return s, keep, None  # no padding
   return jnp.where(real[None, None, None, None, :], s, neg), keep, real
+
+
+def _drop_padding(p: jax.Array, real: jax.Array | None) -> jax.Array:
+  return p if real is None else jnp.where(real[None, None, None, None, :], p, 0)
 
 
 def _forward(q, key, value, bias, mask, q_len, kv_len, cfg: _Config, remat: bool):
@@ -199,7 +206,7 @@ def _forward(q, key, value, bias, mask, q_len, kv_len, cfg: _Config, remat: bool
     # derivative of max (ties, padding) enters any order of derivative.
     m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))
     alpha = jnp.exp(m - m_new)
-    p = jnp.where(real[None, None, None, None, :], jnp.exp(s - m_new[..., None]), 0)
+    p = _drop_padding(jnp.exp(s - m_new[..., None]), real)
     row_sum = alpha * row_sum + p.sum(axis=-1)
     acc = alpha[..., None] * acc + jnp.einsum("bkgts,bskh->bkgth", p, blk["value"])
     return (m_new, row_sum, acc), None
@@ -246,8 +253,7 @@ def _flash_bwd(cfg: _Config, res, d_out):
   def step(carry, blk):
     d_q, d_bias_const = carry
     s, keep, real = _block_scores(q, blk, consts, q_len, kv_len, cfg)
-    p = jnp.exp(s - m[..., None]) * inv_l[..., None]
-    p = jnp.where(real[None, None, None, None, :], p, 0)
+    p = _drop_padding(jnp.exp(s - m[..., None]) * inv_l[..., None], real)
     d_value = jnp.einsum("bkgts,btkgh->bskh", p, d_out_t)
     d_p = jnp.einsum("btkgh,bskh->bkgts", d_out_t, blk["value"])
     d_s = p * (d_p - delta[..., None])
@@ -328,13 +334,16 @@ def dot_product_attention(
     block_size: keys per block (any sequence length works; the last block is
       padded). Memory grows with it, time shrinks with it up to a point.
     differentiation: ``"flash"`` (default): a ``jax.custom_vjp`` whose rules
-      are plain JAX: the forward saves only the output and the log-sum-exp,
+      are plain JAX: the forward saves only the output and the softmax row
+      statistics (maximum and sum),
       the backward recomputes each block's probabilities (FlashAttention-2,
       Algorithm 2). ``jax.grad`` and ``jax.jvp`` of ``jax.grad`` work, a bare
       ``jax.jvp`` (or ``jax.jacfwd``) of the attention does not.
       ``"checkpoint"``: plain differentiable JAX with ``jax.checkpoint`` per
-      block: every order of differentiation works, at more memory (the
-      online-softmax carry is stored per block).
+      block: every transformation works (a bare ``jax.jvp`` too), with less
+      memory for a plain gradient but slightly more for ``jax.jvp`` of
+      ``jax.grad`` and much more reverse-over-reverse (the online-softmax
+      carry is stored per block).
 
   Returns:
     The attention output, shaped and typed like ``query``.

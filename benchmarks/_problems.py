@@ -31,7 +31,16 @@ Two model families:
 - ``"lm"``: pre-RMSNorm causal transformer language models with rotary
   position embeddings (RoPE) and next-token cross-entropy on synthetic token
   ids, in a small Chinchilla-style ladder (:data:`LM_LADDER`:
-  ``"lm-xs"`` ... ``"lm-3xl"``, 0.13M to 0.57B parameters).
+  ``"lm-xs"`` ... ``"lm-3xl"``, 0.13M to 0.57B parameters). Written as LLM
+  code is written: each transformer block rematerialised (``jax.checkpoint``
+  inside the layer scan) and a memory-efficient attention
+  (:func:`mixflow_optax.nn.dot_product_attention`, which keeps its saving
+  under forward-over-reverse). ``attention="xla"`` and ``block_remat=False``
+  give the naive model (``jax.nn.dot_product_attention``'s XLA path, which
+  materialises the ``B N S^2`` scores, and no per-block remat); its names end
+  in ``-naive``. ``loss_chunk > 0`` computes the LM head and cross-entropy
+  over chunks of tokens (:func:`mixflow_optax.nn.chunked_cross_entropy`), so
+  that the ``B S V`` logits of a large vocabulary are never materialised.
 
 Everything is pure functional JAX (parameters are dicts of arrays), so it
 jits, scans and differentiates in every mode. Shapes broadcast explicitly (the
@@ -62,11 +71,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import mixflow_optax as mfo
+
 __all__ = [
   "TASKS",
   "MLPConfig",
   "LMConfig",
   "LM_LADDER",
+  "ATTENTIONS",
+  "NAIVE",
   "MLP_BASE_BATCH",
   "Problem",
   "MODELS",
@@ -78,6 +91,12 @@ __all__ = [
 
 #: The meta-learning tasks.
 TASKS: tuple[str, ...] = ("learning_rate", "loss_weighting", "maml")
+
+#: Attention implementations of the LM (see :class:`LMConfig`).
+ATTENTIONS: tuple[str, ...] = ("mfo", "xla")
+
+#: Size overrides that make the naive LM (XLA attention, no per-block remat).
+NAIVE: dict[str, Any] = {"attention": "xla", "block_remat": 0}
 
 #: Inner Adam learning rate (the initial one, for ``"learning_rate"``).
 LEARNING_RATE = 1e-3
@@ -385,6 +404,14 @@ class LMConfig:
       head dimension must be even for RoPE).
     batch: sequences per inner step (and in the held-out batch).
     seq_len: tokens per sequence (inputs; targets are shifted by one).
+    attention: ``"mfo"`` (:func:`mixflow_optax.nn.dot_product_attention`,
+      blockwise, memory-efficient in every order of differentiation) or
+      ``"xla"`` (``jax.nn.dot_product_attention(implementation="xla")``).
+    block_remat: ``jax.checkpoint`` around each transformer block (1) or not
+      (0), as real LLM code does.
+    attn_block: keys per block of the ``"mfo"`` attention.
+    loss_chunk: tokens per chunk of the chunked LM head + cross-entropy;
+      0: the whole ``(B, S, vocab)`` logits at once.
   """
 
   vocab: int = 512
@@ -394,10 +421,17 @@ class LMConfig:
   n_heads: int = 4
   batch: int = 8
   seq_len: int = 256
+  attention: str = "mfo"
+  block_remat: int = 1
+  attn_block: int = 256
+  loss_chunk: int = 0
 
   @classmethod
   def small(cls) -> LMConfig:
-    return cls(vocab=16, d_model=8, n_layers=1, d_ff=16, n_heads=2, batch=2, seq_len=8)
+    # Key blocks of 4: the tiny model's attention runs over two of them.
+    return cls(
+      vocab=16, d_model=8, n_layers=1, d_ff=16, n_heads=2, batch=2, seq_len=8, attn_block=4
+    )
 
   def __post_init__(self):
     if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
@@ -405,6 +439,8 @@ class LMConfig:
         f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
         "into an even head dimension (RoPE rotates pairs of features)."
       )
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"unknown attention {self.attention!r}; choose from {list(ATTENTIONS)}.")
 
 
 def _lm(d: int, layers: int, heads: int) -> LMConfig:
@@ -443,40 +479,57 @@ def _rope(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-def _attention(x: jax.Array, layer: dict[str, jax.Array], n_heads: int) -> jax.Array:
+def _attention(x: jax.Array, layer: dict[str, jax.Array], cfg: LMConfig) -> jax.Array:
   b, s, d = x.shape
-  dh = d // n_heads
+  dh = d // cfg.n_heads
 
   def heads(w):
-    return (x @ w).reshape(b, s, n_heads, dh)
+    return (x @ w).reshape(b, s, cfg.n_heads, dh)
 
   q, k, v = _rope(heads(layer["wq"])), _rope(heads(layer["wk"])), heads(layer["wv"])
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
-  causal = jnp.tril(jnp.ones((s, s), dtype=bool))[None, None, :, :]
-  scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d)
-  return out @ layer["wo"]
+  if cfg.attention == "xla":
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  else:
+    out = _mfo_nn().dot_product_attention(q, k, v, is_causal=True, block_size=cfg.attn_block)
+  return out.reshape(b, s, d) @ layer["wo"]
+
+
+def _mfo_nn() -> Any:
+  nn = getattr(mfo, "nn", None)
+  if nn is None:
+    raise ImportError(
+      "the LM's default attention needs mixflow_optax.nn; use attention='xla' with this "
+      "mixflow_optax version."
+    )
+  return nn
+
+
+def _trunk(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:
+  """The final hidden states ``(B, S, d_model)`` of integer ``tokens`` ``(B, S)``."""
+
+  def block(x, layer):
+    x = x + _attention(_rms_norm(x, layer["norm_attn"]), layer, cfg)
+    h = _rms_norm(x, layer["norm_ff"])
+    return x + jax.nn.gelu(h @ layer["w_in"]) @ layer["w_out"], None
+
+  if cfg.block_remat:
+    # Per-block rematerialisation, as in every LLM code base: only the block's
+    # input is kept across the layer scan; the rest is recomputed on the way back.
+    block = jax.checkpoint(block, prevent_cse=False)
+  # Layers stacked on a leading axis and scanned over (compile time does not
+  # grow with depth), as in most JAX LM code bases.
+  x, _ = jax.lax.scan(block, params["embed"][tokens], params["layers"])
+  return _rms_norm(x, params["norm_final"])
 
 
 def lm_apply(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:
   """Next-token logits ``(B, S, vocab)`` of integer ``tokens`` ``(B, S)``."""
-
-  def block(x, layer):
-    x = x + _attention(_rms_norm(x, layer["norm_attn"]), layer, cfg.n_heads)
-    h = _rms_norm(x, layer["norm_ff"])
-    return x + jax.nn.gelu(h @ layer["w_in"]) @ layer["w_out"], None
-
-  # Layers stacked on a leading axis and scanned over (compile time does not
-  # grow with depth), as in most JAX LM code bases.
-  x, _ = jax.lax.scan(block, params["embed"][tokens], params["layers"])
-  x = _rms_norm(x, params["norm_final"])
   # Tied input/output embeddings. Besides saving parameters, this keeps every
   # embedding row's gradient nonzero (the softmax touches every row): an
   # untied input embedding has exactly-zero gradient rows for tokens absent
   # from a batch, where stock optax.adam's sqrt(v) has an infinite derivative
   # and the "standard" baseline's meta-gradient would be NaN.
-  return x @ params["embed"].T
+  return _trunk(params, tokens, cfg) @ params["embed"].T
 
 
 def _lm_specs(cfg: LMConfig) -> dict[str, Any]:
@@ -500,9 +553,13 @@ def _lm_specs(cfg: LMConfig) -> dict[str, Any]:
 
 def _token_ce(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:
   """Per-sequence mean next-token cross-entropy, shape ``(B,)``; ``tokens``: ``(B, S + 1)``."""
-  logits = lm_apply(params, tokens[:, :-1], cfg)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  targets = tokens[:, 1:]
+  if cfg.loss_chunk:
+    x = _trunk(params, tokens[:, :-1], cfg)
+    nll = _mfo_nn().chunked_cross_entropy(x, params["embed"].T, targets, chunk_size=cfg.loss_chunk)
+  else:
+    logp = jax.nn.log_softmax(lm_apply(params, tokens[:, :-1], cfg), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   return jnp.mean(nll, axis=-1)
 
 
@@ -568,8 +625,9 @@ def model_config(model: str, *, small: bool = False) -> tuple[str, Any]:
   """The family and sizes of a model name.
 
   Args:
-    model: ``"lm"`` (= ``"lm-s"``), a :data:`LM_LADDER` name, ``"mlp"``
-      (= ``"mlp-M16"``) or ``"mlp-M<M>"`` (batch ``128 M``).
+    model: ``"lm"`` (= ``"lm-s"``), a :data:`LM_LADDER` name (``-naive``
+      appended: :data:`NAIVE` sizes), ``"mlp"`` (= ``"mlp-M16"``) or
+      ``"mlp-M<M>"`` (batch ``128 M``).
     small: the tiny sizes of smoke runs and tests instead (``Config.small()``;
       the MLP batch is still ``M`` times a base, 4 examples, and the ladder
       doubles the width from ``lm-xs`` = ``LMConfig.small()`` on).
@@ -577,13 +635,16 @@ def model_config(model: str, *, small: bool = False) -> tuple[str, Any]:
   Returns:
     ``(family, config)``.
   """
-  if model in ("lm", *LM_LADDER):
-    name = "lm-s" if model == "lm" else model
+  base, naive = (model[: -len("-naive")], True) if model.endswith("-naive") else (model, False)
+  if base in ("lm", *LM_LADDER):
+    name = "lm-s" if base == "lm" else base
     if small:
       # A tiny ladder of the same length: widths 8, 16, 32, ... (lm-xs is LMConfig.small()).
       d = LMConfig.small().d_model * 2 ** list(LM_LADDER).index(name)
-      return "lm", dataclasses.replace(LMConfig.small(), d_model=d, d_ff=2 * d)
-    return "lm", LM_LADDER[name]
+      cfg = dataclasses.replace(LMConfig.small(), d_model=d, d_ff=2 * d)
+    else:
+      cfg = LM_LADDER[name]
+    return "lm", dataclasses.replace(cfg, **NAIVE) if naive else cfg
   match = re.fullmatch(r"mlp(?:-M(\d+))?", model)
   if match:
     m = int(match.group(1) or 16)
@@ -592,8 +653,20 @@ def model_config(model: str, *, small: bool = False) -> tuple[str, Any]:
     return "mlp", MLPConfig(batch=MLP_BASE_BATCH * m)
   raise ValueError(
     f"unknown model {model!r}; choose from 'mlp', 'mlp-M<M>' (e.g. mlp-M16), 'lm' "
-    f"or {', '.join(LM_LADDER)}."
+    f"or {', '.join(LM_LADDER)} (with '-naive' for XLA attention without per-block remat)."
   )
+
+
+def _lm_name(model: str, cfg: LMConfig, base: LMConfig) -> str:
+  """``lm-s``, ``lm-s-naive``, ``lm-s-xla``, ``lm-s-noremat``, ``lm-s-v32k-chunked``, ..."""
+  name = "lm-s" if model in ("lm", "lm-naive") else model.removesuffix("-naive")
+  if cfg.attention == "xla":
+    name += "-naive" if not cfg.block_remat else "-xla"
+  elif not cfg.block_remat:
+    name += "-noremat"
+  if cfg.vocab != base.vocab:
+    name += f"-v{cfg.vocab // 1024}k" if cfg.vocab % 1024 == 0 else f"-v{cfg.vocab}"
+  return name + ("-chunked" if cfg.loss_chunk else "")
 
 
 def make_problem(
@@ -644,6 +717,6 @@ def make_problem(
   name = model
   if family == "mlp":
     name = _mlp_name(cfg.batch, base=4 if small else MLP_BASE_BATCH)
-  elif model == "lm":
-    name = "lm-s"
+  else:
+    name = _lm_name(model, cfg, base=model_config(model, small=small)[1])
   return ctor(T, cfg, task=task, seed=seed, dtype=dtype, abstract=abstract, name=name)

@@ -1,21 +1,23 @@
 """Benchmarks of MixFlow-MG meta-gradients against the standard implementations.
 
-Run ``python -m mixflow_optax.bench --help`` (or ``mixflow-bench``).
+Run ``python -m benchmarks --help`` from the repository root.
 """
 
-from mixflow_optax.bench._bench import (
+from benchmarks._bench import (
   CORE_METHODS,
   FAST_COMPILE_OPTIONS,
   METHODS,
+  NOT_META_GRADIENTS,
   add_ratios,
   bench_problem,
   compile_method,
   make_meta_grad,
   time_methods,
 )
-from mixflow_optax.bench._problems import (
+from benchmarks._problems import (
   LM_LADDER,
   MODELS,
+  NAIVE,
   TASKS,
   LMConfig,
   MLPConfig,
@@ -25,7 +27,7 @@ from mixflow_optax.bench._problems import (
   mlp_problem,
   model_config,
 )
-from mixflow_optax.bench._report import (
+from benchmarks._report import (
   check_targets,
   format_frontier,
   format_markdown,
@@ -34,8 +36,9 @@ from mixflow_optax.bench._report import (
   plot_results,
   save_results,
 )
-from mixflow_optax.bench._suite import (
+from benchmarks._suite import (
   EXPERIMENTS,
+  LM_METHODS,
   SUITES,
   Frontier,
   Point,
@@ -53,6 +56,9 @@ __all__ = [
   "EXPERIMENTS",
   "FAST_COMPILE_OPTIONS",
   "LMConfig",
+  "LM_METHODS",
+  "NAIVE",
+  "NOT_META_GRADIENTS",
   "LM_LADDER",
   "METHODS",
   "MLPConfig",

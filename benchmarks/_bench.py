@@ -2,7 +2,7 @@ r"""Meta-gradient methods and their measurement (memory, time, agreement).
 
 Every method computes the meta-gradient of the outer loss after T inner Adam
 steps with respect to the meta-parameters :math:`\eta` (see
-:mod:`mixflow_optax.bench._problems` for the tasks):
+:mod:`benchmarks._problems` for the tasks):
 
 .. math::
 
@@ -29,6 +29,11 @@ They differ only in how it is computed:
   ``mode="first_order"``: the inner gradients are constants. An
   *approximation* (first-order MAML), the cheap baseline users compare with;
   its ``rel_err`` says how far it is from the exact meta-gradient.
+- ``"hvp"``: not a meta-gradient but its floor: ONE forward-over-reverse
+  Hessian-vector product of the inner loss at the first inner batch
+  (``jax.jvp`` of ``jax.grad`` over the parameters and the meta-parameters
+  the inner loss sees, tangent on the parameters). An exact meta-gradient
+  needs at least this per inner step; MixFlow-MG's backward pass is T of them.
 
 Measurements of one compiled program (see :func:`compile_method`):
 
@@ -69,12 +74,13 @@ import optax
 from jax.ad_checkpoint import checkpoint_name
 
 import mixflow_optax as mfo
-from mixflow_optax.bench._problems import Problem
+from benchmarks._problems import Problem
 
 __all__ = [
   "METHODS",
   "CORE_METHODS",
   "FAST_COMPILE_OPTIONS",
+  "NOT_META_GRADIENTS",
   "make_meta_grad",
   "compile_method",
   "time_methods",
@@ -90,6 +96,7 @@ METHODS: tuple[str, ...] = (
   "mixflow_remat_nosave",
   "standard_remat_nosave",
   "first_order",
+  "hvp",
 )
 
 #: The three methods every configuration of the suite measures.
@@ -104,6 +111,9 @@ FAST_COMPILE_OPTIONS: dict[str, Any] = {
   "xla_backend_optimization_level": 0,
   "xla_cpu_use_fusion_emitters": False,
 }
+
+#: Methods that compute something other than the meta-gradient (no ``rel_err``).
+NOT_META_GRADIENTS: tuple[str, ...] = ("hvp",)
 
 REFERENCE = "standard"
 BEST_STANDARD = "standard_best"
@@ -175,6 +185,7 @@ _META_LOSSES: dict[str, Callable[[Problem], Callable]] = {
     p, mode="mixflow", remat=True, save_inner_grads=False
   ),
   "first_order": lambda p: _unroll_meta_loss(p, mode="first_order"),
+  "hvp": None,  # Not a meta-loss: see _inner_hvp.
 }
 
 
@@ -190,7 +201,7 @@ def make_meta_grad(problem: Problem, method: str) -> MetaGradFn:
   """The jitted meta-gradient of ``problem`` computed by ``method``.
 
   Args:
-    problem: a :class:`~mixflow_optax.bench.Problem`.
+    problem: a :class:`~benchmarks.Problem`.
     method: one of :data:`METHODS`.
 
   Returns:
@@ -199,14 +210,36 @@ def make_meta_grad(problem: Problem, method: str) -> MetaGradFn:
     they are not baked into the compiled program.
 
   Examples:
-    >>> from mixflow_optax.bench import make_problem
+    >>> from benchmarks import make_problem
     >>> p = make_problem("mlp", T=2, small=True)
     >>> f = make_meta_grad(p, "mixflow")
     >>> f(*p.args).shape
     (2, 64)
   """
   check_methods([method])
+  if method == "hvp":
+    return jax.jit(_inner_hvp(problem))
   return jax.jit(jax.grad(_META_LOSSES[method](problem)))
+
+
+def _inner_hvp(problem: Problem) -> MetaGradFn:
+  """One forward-over-reverse Hessian-vector product of the inner loss (the ``"hvp"`` method)."""
+
+  def hvp(meta_params, params, inner_batches, outer_batch):
+    del outer_batch
+    params = _initial_params(problem, meta_params, params)
+    inner_meta = {} if problem.task == "maml" else meta_params
+    batch = jax.tree.map(lambda x: x[0], inner_batches)
+
+    def grad(params, inner_meta):
+      # The gradient over everything differentiable that the inner loss sees,
+      # as MixFlow-MG's rule differentiates it.
+      return jax.grad(problem.inner_loss, argnums=(0, 1))(params, inner_meta, batch)
+
+    tangents = (params, jax.tree.map(jnp.zeros_like, inner_meta))
+    return jax.jvp(grad, (params, inner_meta), tangents)[1]
+
+  return hvp
 
 
 def compile_method(
@@ -219,16 +252,19 @@ def compile_method(
     arg_mib, out_mib, alias_mib, total_mib``, ``None`` where the backend has
     none) and ``compile_s``, the seconds to trace, lower and compile.
   """
+  fn = make_meta_grad(problem, method)
   t0 = time.perf_counter()
-  compiled = make_meta_grad(problem, method).lower(*problem.args).compile(compiler_options)
+  mem = mfo.compiled_memory(fn, *problem.args, compiler_options=compiler_options)
   info: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
-  stats = compiled.memory_analysis()
-  fields = {"temp": "temp", "arg": "argument", "out": "output", "alias": "alias"}
-  for key, name in fields.items():
-    size = None if stats is None else getattr(stats, f"{name}_size_in_bytes", None)
-    info[f"{key}_mib"] = None if size is None else size / _MIB
-  parts = [info["temp_mib"], info["arg_mib"], info["out_mib"]]
-  info["total_mib"] = None if None in parts else sum(parts) - (info["alias_mib"] or 0.0)
+  # The same lowering and options again: JAX returns the executable it just compiled.
+  compiled = fn.lower(*problem.args).compile(compiler_options)
+  info.update(
+    temp_mib=mem.temp_bytes / _MIB,
+    arg_mib=mem.argument_bytes / _MIB,
+    out_mib=mem.output_bytes / _MIB,
+    alias_mib=mem.alias_bytes / _MIB,
+    total_mib=mem.total_mib,
+  )
   return compiled, info
 
 
@@ -300,7 +336,8 @@ def time_methods(
         peak = (after["peak_bytes_in_use"] - before["bytes_in_use"]) / _MIB
     out[m]["peak_mib"] = peak
   for m in compiled:
-    out[m]["rel_err"] = _rel_err(grads[m], grads[REFERENCE])
+    exact = m not in NOT_META_GRADIENTS
+    out[m]["rel_err"] = _rel_err(grads[m], grads[REFERENCE]) if exact else None
     out[m]["meta_grad_norm"] = _grad_norm(grads[m])
   del grads
   times: dict[str, list[float]] = {m: [] for m in compiled}
@@ -327,13 +364,16 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
   Records are grouped by configuration (everything but the method). Memory
   ratios are ``reference / method`` on ``temp_mib`` and ``total_mib`` (> 1:
   the method uses less); time ratios are ``method / reference`` (< 1:
-  faster) and ``pct_faster = 100 (1 - time_ratio)``, the wall-clock saved.
+  faster) and ``pct_faster = 100 (1 - time_ratio)``, the wall-clock saved;
+  ``mem_vs_hvp = temp / temp of "hvp"`` where the configuration measured it.
   """
   groups: dict[tuple, dict[str, dict[str, Any]]] = {}
   for r in records:
     groups.setdefault(config_key(r), {})[r["method"]] = r
   for group in groups.values():
     for r in group.values():
+      # How far above the floor of one inner HVP (> 1: more memory than it).
+      r["mem_vs_hvp"] = _ratio(r["temp_mib"], group.get("hvp", {}).get("temp_mib"))
       for ref in (REFERENCE, BEST_STANDARD):
         base = group.get(ref, {})
         r[f"mem_ratio_vs_{ref}"] = _ratio(base.get("temp_mib"), r["temp_mib"])
@@ -364,6 +404,11 @@ def make_record(
     "seq_len": problem.config.get("seq_len"),
     "M": problem.config.get("M"),
     "n_params": problem.config["n_params"],
+    "vocab": problem.config.get("vocab"),
+    "attention": problem.config.get("attention"),
+    "block_remat": problem.config.get("block_remat"),
+    # The naive LM: XLA attention and no per-block remat (see benchmarks._problems).
+    "naive": problem.config.get("attention") == "xla" and not problem.config.get("block_remat"),
     "compile_only": compile_only,
     "temp_mib": info.get("temp_mib"),
     "arg_mib": info.get("arg_mib"),
@@ -410,7 +455,7 @@ def bench_problem(
     One record (dict) per method, with the ratios of :func:`add_ratios`.
 
   Examples:
-    >>> from mixflow_optax.bench import make_problem
+    >>> from benchmarks import make_problem
     >>> p = make_problem("mlp", T=2, small=True)
     >>> recs = bench_problem(p, compile_only=True, compiler_options=FAST_COMPILE_OPTIONS)
     >>> [r["method"] for r in recs]

@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from mixflow_optax.bench._bench import BEST_STANDARD, CORE_METHODS, REFERENCE
+from benchmarks._bench import BEST_STANDARD, CORE_METHODS, REFERENCE
 
 __all__ = [
   "format_table",
@@ -28,7 +28,11 @@ _METHOD_STYLE = {
   "mixflow_remat_nosave": ("tab:purple", "v", ":"),
   "standard_remat_nosave": ("tab:brown", "x", ":"),
   "first_order": ("tab:orange", "*", ":"),
+  "hvp": ("tab:green", "P", "-."),
 }
+
+#: The methods drawn in the memory plots.
+_PLOTTED = (*CORE_METHODS, "hvp")
 
 
 def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
@@ -49,6 +53,7 @@ def _columns() -> list[tuple[str, int, Any]]:
     ("median s", 9, lambda r: _fmt(r["seconds"], ".4f")),
     ("mem/std", 8, lambda r: _fmt(r["mem_ratio_vs_standard"], ".2f", "x")),
     ("mem/best", 8, lambda r: _fmt(r["mem_ratio_vs_standard_best"], ".2f", "x")),
+    ("/hvp", 6, lambda r: _fmt(r.get("mem_vs_hvp"), ".2f", "x")),
     ("t/std", 6, lambda r: _fmt(r["time_ratio_vs_standard"], ".2f")),
     ("t/best", 6, lambda r: _fmt(r["time_ratio_vs_standard_best"], ".2f")),
     ("rel err", 8, lambda r: _fmt(r["rel_err"], ".1e")),
@@ -124,14 +129,21 @@ def _where(r: dict[str, Any]) -> str:
   return f"{r['task']} {r['model']} T={r['T']} batch {r['batch']}{seq}"
 
 
-def check_targets(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def check_targets(
+  records: Sequence[dict[str, Any]], frontier: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
   """The README's targets for ``"mixflow"`` (the library defaults), measured.
 
   - less temp memory than ``standard_best`` in every configuration;
   - at least 10x less temp memory than ``standard`` at T = 8 on the LM family;
   - at least 25% faster than ``standard`` at the median over timed
     configurations (time ratio <= 0.75);
-  - faster than ``standard_best`` at the median (time ratio < 1).
+  - faster than ``standard_best`` at the median (time ratio < 1);
+  - long context (``lm-s``, batch 4, T = 4, 4096 tokens, per-block remat and
+    the memory-efficient attention): at most 0.3x the temp memory of
+    ``standard_best`` and at most 1.25x that of one inner HVP;
+  - a largest sequence length within the frontier's budget at least 4x
+    ``standard_best``'s.
 
   Returns:
     One dict per target: ``target``, ``value`` (the worst case or the
@@ -156,6 +168,22 @@ def check_targets(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
   def met(ok: bool, value: Any) -> bool | None:
     return None if value is None else bool(ok)
+
+  long = [
+    r
+    for r in mix
+    if (r["model"], r["seq_len"], r["batch"], r["T"]) == ("lm-s", 4096, 4, 4)
+    and r["task"] == "loss_weighting"
+  ]
+  long_r = long[0] if long else None
+  v_long = None
+  if long_r is not None and long_r["mem_ratio_vs_standard_best"]:
+    v_long = 1.0 / long_r["mem_ratio_vs_standard_best"]
+  v_hvp = None if long_r is None else long_r.get("mem_vs_hvp")
+  seq = {r["method"]: r["largest"] for r in frontier if r["axis"] == "seq"}
+  v_seq = None
+  if seq.get("mixflow") and seq.get(BEST_STANDARD):
+    v_seq = seq["mixflow"] / seq[BEST_STANDARD]
 
   return [
     {
@@ -184,6 +212,25 @@ def check_targets(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       "met": met(med_best is not None and med_best < 1, med_best),
       "detail": f"median mixflow/standard_best time ratio over {len(t_best)} timed configurations",
     },
+    {
+      "target": "<= 0.3x standard_best's memory at 4096 tokens",
+      "value": v_long,
+      "met": met(v_long is not None and v_long <= 0.3, v_long),
+      "detail": "mixflow/standard_best temp ratio, loss_weighting lm-s T=4 batch 4 seq 4096",
+    },
+    {
+      "target": "<= 1.25x one inner HVP's memory at 4096 tokens",
+      "value": v_hvp,
+      "met": met(v_hvp is not None and v_hvp <= 1.25, v_hvp),
+      "detail": "mixflow/hvp temp ratio, loss_weighting lm-s T=4 batch 4 seq 4096",
+    },
+    {
+      "target": ">= 4x standard_best's largest sequence length within the budget",
+      "value": v_seq,
+      "met": met(v_seq is not None and v_seq >= 4, v_seq),
+      "detail": "largest mixflow / largest standard_best sequence length (frontier)"
+      + ("" if v_seq is None else f": {seq['mixflow']} vs {seq[BEST_STANDARD]}"),
+    },
   ]
 
 
@@ -199,7 +246,7 @@ def format_targets(targets: Sequence[dict[str, Any]]) -> str:
 
 def _config_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, Any]]]:
   """Records grouped by configuration (method -> record), in order of appearance."""
-  from mixflow_optax.bench._bench import config_key
+  from benchmarks._bench import config_key
 
   groups: dict[tuple, dict[str, dict[str, Any]]] = {}
   for r in records:
@@ -227,7 +274,10 @@ def format_markdown(
   """
   core = [g for g in _config_rows(records) if all(m in g for m in CORE_METHODS)]
   head = "| experiments | task | model | T | batch | seq | params |"
-  mem = " standard MiB | standard_best MiB | mixflow MiB | mixflow vs standard | vs standard_best |"
+  mem = (
+    " standard MiB | standard_best MiB | mixflow MiB | one HVP MiB | mixflow vs standard "
+    "| vs standard_best | mixflow / HVP |"
+  )
   timed_cols = (
     " standard s | standard_best s | mixflow s | mixflow time vs standard | vs standard_best |"
   )
@@ -244,8 +294,10 @@ def format_markdown(
   def memory(g):
     r = g["mixflow"]
     cells = [_mib(g[m]["temp_mib"]) for m in CORE_METHODS]
+    cells += [_mib(g["hvp"]["temp_mib"]) if "hvp" in g else "-"]
     cells += [_fmt(r["mem_ratio_vs_standard"], ".2f", "x less")]
     cells += [_fmt(r["mem_ratio_vs_standard_best"], ".2f", "x less")]
+    cells += [_fmt(r.get("mem_vs_hvp"), ".2f", "x")]
     return " " + " | ".join(cells) + " |"
 
   def timing(g):
@@ -276,7 +328,10 @@ def format_markdown(
     rows = [config(g) + memory(g) for g in compiled]
     parts.append("**Memory only (compile-only)**\n\n" + "\n".join([line, sep(line), *rows]))
   others = [
-    (g, m) for g in _config_rows(records) for m in g if m not in CORE_METHODS and "standard" in g
+    (g, m)
+    for g in _config_rows(records)
+    for m in g
+    if m not in (*CORE_METHODS, "hvp") and "standard" in g
   ]
   if others:
     line = (
@@ -364,7 +419,7 @@ def _in(records, experiment, **match):
   ]
 
 
-def _lines(ax, recs, x_key, y_key, methods=CORE_METHODS, label_suffix=""):
+def _lines(ax, recs, x_key, y_key, methods=_PLOTTED, label_suffix=""):
   drawn = False
   for m in methods:
     pts = sorted((r[x_key], r[y_key]) for r in recs if r["method"] == m and r[y_key] is not None)
@@ -416,7 +471,7 @@ def _plot_memory_vs_T(records, out, plt):
 
 
 def _plot_memory_vs_model(records, out, plt):
-  groups = _groups(_in(records, "ladder"), ("T", "batch", "seq_len"))
+  groups = _groups(_in(records, "ladder"), ("T", "batch", "seq_len", "naive"))
   if not groups:
     return None
   fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
@@ -431,19 +486,26 @@ def _plot_memory_vs_model(records, out, plt):
     ax.set_xlabel("inner model parameters")
     ax.set_ylabel("compiled total memory (MiB)")
     timed = "timed" if not recs[0]["compile_only"] else "compile-only"
-    ax.set_title(f"LM ladder, T={recs[0]['T']}, {_sizes(recs[0])} ({timed})", fontsize=10)
+    naive = ", naive model" if recs[0]["naive"] else ""
+    ax.set_title(f"LM ladder{naive}, T={recs[0]['T']}, {_sizes(recs[0])} ({timed})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
   return _save(fig, out, "memory_vs_model.png", plt)
 
 
 def _plot_batch_seq(records, out, plt):
-  panels = [(e, k) for e, k in (("batch", "batch"), ("seq", "seq_len")) if _in(records, e)]
+  panels = []
+  if _in(records, "batch"):
+    panels.append(("batch", "batch", _in(records, "batch")))
+  seq = _in(records, "seq")
+  for naive in (False, True):
+    recs = [r for r in seq if r["naive"] == naive]
+    if recs:
+      panels.append(("seq", "seq_len", recs))
   if not panels:
     return None
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-  for ax, (exp, key) in zip(axes[0], panels):
-    recs = _in(records, exp)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+  for ax, (exp, key, recs) in zip(axes[0], panels):
     _lines(ax, recs, key, "temp_mib")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -452,7 +514,7 @@ def _plot_batch_seq(records, out, plt):
     fixed = f"seq {recs[0]['seq_len']}" if key == "batch" else f"batch {recs[0]['batch']}"
     ax.set_title(f"{recs[0]['model']}, T={recs[0]['T']}, {fixed}: memory vs {exp}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
   return _save(fig, out, "memory_vs_batch_seq.png", plt)
 
 

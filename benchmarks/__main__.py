@@ -1,14 +1,15 @@
-"""Command line: ``python -m mixflow_optax.bench`` / ``mixflow-bench``.
+"""Command line: ``python -m benchmarks`` (from the repository root).
 
 Examples::
 
-  python -m mixflow_optax.bench                       # the default suite (~6 min on 2 CPU cores)
-  python -m mixflow_optax.bench --suite tiny          # smoke run of every experiment, tiny models
-  python -m mixflow_optax.bench --experiments tasks,T --reps 5
-  python -m mixflow_optax.bench --experiments frontier --budget-gib 40
-  python -m mixflow_optax.bench --models lm --T 8 --compile-only
-  python -m mixflow_optax.bench --suite grid --tasks maml --models lm-m --T 2,4 --compile-only
-  python -m mixflow_optax.bench --suite full --size lm.seq_len=256
+  python -m benchmarks                       # the default suite (~8 min on 2 CPU cores)
+  python -m benchmarks --suite tiny          # smoke run of every experiment, tiny models
+  python -m benchmarks --experiments tasks,T --reps 5
+  python -m benchmarks --experiments frontier --budget-gib 40
+  python -m benchmarks --models lm --T 8 --compile-only
+  python -m benchmarks --suite grid --tasks maml --models lm-m --T 2,4 --compile-only
+  python -m benchmarks --suite full --size lm.seq_len=256
+  python -m benchmarks --experiments seq --size lm.attention=xla   # realistic remat, XLA attention
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from mixflow_optax.bench._bench import METHODS
-from mixflow_optax.bench._problems import MODELS, TASKS, model_config
-from mixflow_optax.bench._report import (
+from benchmarks._bench import METHODS
+from benchmarks._problems import ATTENTIONS, MODELS, TASKS, model_config
+from benchmarks._report import (
   check_targets,
   format_frontier,
   format_markdown,
@@ -34,7 +35,7 @@ from mixflow_optax.bench._report import (
   plot_results,
   save_results,
 )
-from mixflow_optax.bench._suite import (
+from benchmarks._suite import (
   EXPERIMENTS,
   SUITES,
   grid_suite,
@@ -64,16 +65,23 @@ def _csv(kind: type, choices: Sequence[str] | None = None, check=None):
   return parse
 
 
-def _size(text: str) -> tuple[str, str, int]:
-  """Parses ``FAMILY.FIELD=INT`` (e.g. ``lm.seq_len=128``)."""
+def _size(text: str) -> tuple[str, str, int | str]:
+  """Parses ``FAMILY.FIELD=VALUE`` (e.g. ``lm.seq_len=128``, ``lm.attention=xla``)."""
   import dataclasses
 
   try:
     key, value = text.split("=")
     family, field = key.split(".")
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected FAMILY.FIELD=VALUE, got {text!r}") from None
+  if (family, field) == ("lm", "attention"):
+    if value not in ATTENTIONS:
+      raise argparse.ArgumentTypeError(f"unknown attention {value!r}; choose from {ATTENTIONS}")
+    return family, field, value
+  try:
     value = int(value)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected FAMILY.FIELD=INT, got {text!r}") from None
+    raise argparse.ArgumentTypeError(f"expected an integer in {text!r}") from None
   if family not in MODELS:
     raise argparse.ArgumentTypeError(
       f"unknown model family {family!r}; choose from {sorted(MODELS)}"
@@ -91,7 +99,7 @@ def _model_name(name: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-    prog="mixflow-bench",
+    prog="python -m benchmarks",
     description=(
       "Memory and wall-clock of exact meta-gradients through T inner Adam steps "
       "(learning-rate learning, loss weighting, MAML): MixFlow-MG vs the standard "
@@ -103,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     "--suite",
     choices=(*SUITES, "grid"),
     default="default",
-    help="preset: default (~6 min on 2 CPU cores), full (larger timed models, longer sweeps), "
+    help="preset: default (~8 min on 2 CPU cores), full (larger timed models, longer sweeps), "
     "tiny (a smoke run of every experiment on tiny models); "
     "grid: every --tasks x --models x --T with --methods, timed",
   )
@@ -124,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     type=_csv(str, check=_model_name),
     default=None,
     help="only these models: families (mlp, lm) or names (mlp-M16, lm-xs, lm-s, lm-m, lm-l, "
-    "lm-xl, lm-2xl, lm-3xl); grid default: mlp,lm",
+    "lm-xl, lm-2xl, lm-3xl; lm-s-naive etc.: XLA attention, no per-block remat); "
+    "grid default: mlp,lm",
   )
   p.add_argument(
     "--T",
@@ -165,8 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     type=_size,
     action="append",
     default=[],
-    metavar="FAMILY.FIELD=INT",
-    help="override a size of every model of a family, e.g. lm.seq_len=512 or mlp.depth=16 "
+    metavar="FAMILY.FIELD=VALUE",
+    help="override a size of every model of a family, e.g. lm.seq_len=512, mlp.depth=16, "
+    "lm.attention=xla, lm.block_remat=0, lm.vocab=32768 with lm.loss_chunk=1024 "
     "(repeatable; fields of MLPConfig / LMConfig)",
   )
   p.add_argument(
@@ -191,7 +201,7 @@ def _experiment_tables(records, experiments: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Entry point of ``mixflow-bench``; returns the exit status."""
+  """Entry point of ``python -m benchmarks``; returns the exit status."""
   parser = _parser()
   args = parser.parse_args(argv)
   if args.reps < 1 and not args.compile_only:
@@ -226,9 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   t0 = time.perf_counter()
   meta = {
-    "command": " ".join(
-      ["python -m mixflow_optax.bench", *(sys.argv[1:] if argv is None else argv)]
-    ),
+    "command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
     "suite": suite.name,
     "jax": jax.__version__,
     "backend": jax.default_backend(),
@@ -258,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   meta["seconds"] = round(time.perf_counter() - t0, 1)
   meta["phase_seconds"] = {k: round(v, 1) for k, v in result.phase_seconds.items()}
   meta["phase"] = "done"
-  targets = check_targets(result.records)
+  targets = check_targets(result.records, result.frontier)
   meta["targets"] = targets
   save_results(result.records, args.out, result.frontier, meta)
   text = _experiment_tables(result.records, EXPERIMENTS)

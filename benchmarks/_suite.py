@@ -17,15 +17,22 @@ CPU:
   only, on ``lm-s``;
 - ``M``: the paper's toy with per-step work size M (batch ``128 M``);
 - ``batch``, ``seq``: batch-size and sequence-length sweeps of ``lm-s``
-  (compile-only, up to 4096 tokens);
+  (compile-only, up to 8192 tokens; timed at 128, and at 1024 in the full
+  suite), the latter for the naive model (``lm-s-naive``, compile-only) too;
+- ``vocab``: ``lm-s`` with a 32k vocabulary, its logits whole or computed
+  over chunks of tokens;
 - ``frontier``: for a memory budget (16 GiB by default), the largest model,
-  batch and T that fit with each method, found by compile-only memory
-  analysis (:func:`largest_fitting`): the paper's "how big can I go" table.
+  batch, T and sequence length that fit with each method, found by
+  compile-only memory analysis (:func:`largest_fitting`): the paper's "how
+  big can I go" table.
+
+Every LM point also measures ``"hvp"``, one forward-over-reverse
+Hessian-vector product of the inner loss: the floor of an exact meta-gradient.
 
 Every program is compiled once: points shared between experiments are
 measured once and tagged with all of them, and the frontier search reuses
 every measurement it can. Compile-only programs are compiled with
-:data:`~mixflow_optax.bench.FAST_COMPILE_OPTIONS` (their memory analysis is
+:data:`~benchmarks.FAST_COMPILE_OPTIONS` (their memory analysis is
 the same to within 0.1%); several compile in parallel threads (``jobs``); timing runs only
 after all compilation is done, one program at a time.
 
@@ -47,7 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mixflow_optax.bench._bench import (
+from benchmarks._bench import (
   CORE_METHODS,
   FAST_COMPILE_OPTIONS,
   METHODS,
@@ -57,10 +64,11 @@ from mixflow_optax.bench._bench import (
   make_record,
   time_methods,
 )
-from mixflow_optax.bench._problems import LM_LADDER, TASKS, Problem, make_problem, model_config
+from benchmarks._problems import LM_LADDER, TASKS, Problem, make_problem, model_config
 
 __all__ = [
   "EXPERIMENTS",
+  "LM_METHODS",
   "SUITES",
   "Point",
   "Frontier",
@@ -74,7 +82,20 @@ __all__ = [
 ]
 
 #: Experiment names, in the order of the printed tables.
-EXPERIMENTS: tuple[str, ...] = ("tasks", "variants", "ladder", "T", "M", "batch", "seq", "frontier")
+EXPERIMENTS: tuple[str, ...] = (
+  "tasks",
+  "variants",
+  "ladder",
+  "T",
+  "M",
+  "batch",
+  "seq",
+  "vocab",
+  "frontier",
+)
+
+#: The methods of the LM points: the core ones and the floor of one inner HVP.
+LM_METHODS: tuple[str, ...] = (*CORE_METHODS, "hvp")
 
 #: Preset suites.
 SUITES: tuple[str, ...] = ("default", "full", "tiny")
@@ -87,7 +108,7 @@ class Point:
   """One configuration of the suite.
 
   Attributes:
-    task: one of :data:`~mixflow_optax.bench.TASKS`.
+    task: one of :data:`~benchmarks.TASKS`.
     model: a model name (``"lm-s"``, ``"mlp-M16"``, ...).
     T: number of inner steps.
     sizes: size overrides, e.g. ``(("batch", 4), ("seq_len", 128))``.
@@ -126,6 +147,8 @@ class Frontier:
     models: the model grid (ascending size).
     batches: the batch grid (ascending).
     Ts: the T grid (ascending).
+    seqs: the sequence-length grid (ascending; empty: no sequence axis, as
+      for MLP bases).
     methods: the methods compared.
   """
 
@@ -137,10 +160,12 @@ class Frontier:
   models: tuple[str, ...] = tuple(LM_LADDER)
   batches: tuple[int, ...] = tuple(2**i for i in range(13))
   Ts: tuple[int, ...] = tuple(2**i for i in range(14))
+  seqs: tuple[int, ...] = ()
   methods: tuple[str, ...] = CORE_METHODS
 
   def axes(self) -> dict[str, tuple[Any, ...]]:
-    return {"model": self.models, "batch": self.batches, "T": self.Ts}
+    axes = {"model": self.models, "batch": self.batches, "T": self.Ts, "seq": self.seqs}
+    return {k: v for k, v in axes.items() if v}
 
   def point(self, axis: str, value: Any) -> Point:
     """The configuration at ``value`` on ``axis`` (the base elsewhere)."""
@@ -151,6 +176,8 @@ class Frontier:
       sizes["batch"] = value
     elif axis == "T":
       T = value
+    elif axis == "seq":
+      sizes["seq_len"] = value
     else:
       raise ValueError(f"unknown frontier axis {axis!r}; choose from {list(self.axes())}.")
     return Point(self.task, model, T, tuple(sorted(sizes.items())), timed=False)
@@ -217,6 +244,10 @@ class _Preset:
   lm_Ts: tuple[int, ...]  # T sweep of the LM, at lm_mem.
   batches: tuple[int, ...]  # Batch sweep of the LM, at lm_mem.
   seqs: tuple[int, ...]  # Sequence-length sweep of the LM, at lm_mem's batch.
+  naive_seqs: tuple[int, ...]  # The same sweep of the naive LM (XLA attention, no block remat).
+  ladder_naive: tuple[str, ...]  # Ladder of the naive LM, at lm_mem (compile-only).
+  lm_timed_long: Sizes  # A timed LM point at a long sequence (both variants); () for none.
+  vocabs: tuple[tuple[int, int], ...]  # (vocab, loss_chunk) of the vocabulary sweep, at lm_mem.
   frontier_grids: dict[str, tuple[Any, ...]]
 
 
@@ -235,7 +266,12 @@ _PRESETS = {
     lm_tasks_timed=False,
     lm_Ts=(1, 2, 4, 8),
     batches=(1, 4, 16),
-    seqs=(128, 512, 1024, 4096),
+    seqs=(128, 512, 1024, 4096, 8192),
+    naive_seqs=(1024, 4096),
+    ladder_naive=(),
+    # Timing 1024-token sequences takes minutes per method on 2 cores: --suite full.
+    lm_timed_long=(),
+    vocabs=((32768, 0), (32768, 1024)),
     frontier_grids={},
   ),
   "full": _Preset(
@@ -250,7 +286,11 @@ _PRESETS = {
     lm_tasks_timed=True,
     lm_Ts=(1, 2, 4, 6, 8, 16),
     batches=(1, 2, 4, 8, 16, 32),
-    seqs=(128, 256, 512, 1024, 2048, 4096, 8192),
+    seqs=(128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+    naive_seqs=(128, 256, 512, 1024, 2048, 4096, 8192),
+    ladder_naive=("lm-xs", "lm-s", "lm-m", "lm-l"),
+    lm_timed_long=(("batch", 4), ("seq_len", 1024)),
+    vocabs=((32768, 0), (32768, 1024), (131072, 1024)),
     frontier_grids={},
   ),
   # Tiny models (see make_problem(small=True)) and fewer points: the default
@@ -269,10 +309,15 @@ _PRESETS = {
     lm_Ts=(2, 4),
     batches=(1, 2),
     seqs=(8, 16),
+    naive_seqs=(16,),
+    ladder_naive=(),
+    lm_timed_long=(),
+    vocabs=((64, 8),),
     frontier_grids={
       "models": tuple(LM_LADDER)[:4],
       "batches": (1, 2, 4, 8, 16),
       "Ts": (1, 2, 4, 8, 16),
+      "seqs": (8, 16, 32, 64, 128, 256),
     },
   ),
 }
@@ -282,7 +327,7 @@ def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
   """A preset suite.
 
   Args:
-    name: ``"default"`` (about 6 minutes on 2 CPU cores), ``"full"`` (larger
+    name: ``"default"`` (about 8 minutes on 2 CPU cores), ``"full"`` (larger
       timed models, longer sweeps) or ``"tiny"`` (the default suite's
       experiments on tiny models: a smoke run).
     budget_gib: the frontier's memory budget.
@@ -293,10 +338,10 @@ def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
   Examples:
     >>> suite = make_suite("default")
     >>> sorted({e for p in suite.points for e in p.experiments})
-    ['M', 'T', 'batch', 'ladder', 'seq', 'tasks', 'variants']
+    ['M', 'T', 'batch', 'ladder', 'seq', 'tasks', 'variants', 'vocab']
     >>> configs = suite.configurations()
     >>> sum(p.timed for p in configs), len(configs), suite.frontier.budget_gib
-    (8, 26, 16.0)
+    (8, 31, 16.0)
   """
   if name not in SUITES:
     raise ValueError(f"unknown suite {name!r}; choose from {list(SUITES)}.")
@@ -307,22 +352,25 @@ def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
     return Point(task, model, T, tuple(sizes), tuple(methods), timed, tuple(experiments))
 
   points = []
+  lmm = LM_METHODS
   for task in TASKS:
     points.append(pt(task, mlp, 4, experiments=["tasks"]))
     if task == lw or pre.lm_tasks_timed:
       points.append(pt(task, lm, 4, pre.lm_timed, ["tasks"]))
     if not pre.lm_tasks_timed:
       points.append(pt(task, lm, 4, pre.lm_mem, ["tasks"], timed=False))
-  variants = [m for m in METHODS if m not in CORE_METHODS and m != "first_order"]
+  variants = [m for m in METHODS if m not in CORE_METHODS and m not in ("first_order", "hvp")]
   points.append(pt(lw, mlp, 4, methods=CORE_METHODS + tuple(variants), experiments=["variants"]))
   # First-order MAML: what the exact meta-gradient is usually traded for.
   points.append(
     pt("maml", mlp, 4, methods=(*CORE_METHODS, "first_order"), experiments=["variants"])
   )
   for model in pre.ladder_timed:
-    points.append(pt(lw, model, 4, pre.lm_timed, ["ladder"]))
+    points.append(pt(lw, model, 4, pre.lm_timed, ["ladder"], lmm))
   for model in pre.ladder_mem:
-    points.append(pt(lw, model, 4, pre.lm_mem, ["ladder"], timed=False))
+    points.append(pt(lw, model, 4, pre.lm_mem, ["ladder"], lmm, timed=False))
+  for model in pre.ladder_naive:
+    points.append(pt(lw, f"{model}-naive", 4, pre.lm_mem, ["ladder"], lmm, timed=False))
   for T in (1, 2, 4, 8):
     points.append(pt(lw, mlp, T, experiments=["T"], timed=T in pre.mlp_Ts))
   for T in pre.lm_Ts:
@@ -337,10 +385,18 @@ def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
   base = dict(pre.lm_mem)
   for b in pre.batches:
     points.append(pt(lw, lm, 4, {**base, "batch": b}.items(), ["batch"], timed=False))
-  for s in pre.seqs:
-    sizes = tuple(sorted({**base, "seq_len": s}.items()))
-    points.append(pt(lw, lm, 4, sizes, ["seq"], timed=sizes == tuple(sorted(pre.lm_timed))))
-  frontier = Frontier(budget_gib=budget_gib, model=lm, T=4, sizes=pre.lm_mem, **pre.frontier_grids)
+  timed_seqs = {tuple(sorted(pre.lm_timed)), tuple(sorted(pre.lm_timed_long))}
+  for model, seqs in ((lm, pre.seqs), (f"{lm}-naive", pre.naive_seqs)):
+    for s in seqs:
+      sizes = tuple(sorted({**base, "seq_len": s}.items()))
+      timed = model == lm and sizes in timed_seqs
+      points.append(pt(lw, model, 4, sizes, ["seq"], lmm, timed=timed))
+  # A realistic vocabulary: the B*S*V logits, whole or over chunks of tokens.
+  for vocab, chunk in pre.vocabs:
+    sizes = {**base, "vocab": vocab, "loss_chunk": chunk}.items()
+    points.append(pt(lw, lm, 4, sizes, ["vocab"], lmm, timed=False))
+  grids = {"seqs": tuple(2**i for i in range(7, 18)), **pre.frontier_grids}
+  frontier = Frontier(budget_gib=budget_gib, model=lm, T=4, sizes=pre.lm_mem, **grids)
   return Suite(name, tuple(points), frontier, small=name == "tiny")
 
 
@@ -537,7 +593,7 @@ class _Progress:
   def __init__(self, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    self._bar = tqdm(total=total, desc="mixflow-bench", unit="step", disable=not enabled)
+    self._bar = tqdm(total=total, desc="benchmarks", unit="step", disable=not enabled)
     self._lock = threading.Lock()
 
   def add_total(self, n: int) -> None:
@@ -601,7 +657,7 @@ def run_suite(
     seed: PRNG seed of every problem.
     dtype: floating dtype of every problem.
     fast_compile: compile timed programs with
-      :data:`~mixflow_optax.bench.FAST_COMPILE_OPTIONS` too (faster runs,
+      :data:`~benchmarks.FAST_COMPILE_OPTIONS` too (faster runs,
       unrepresentative timings).
     jobs: programs compiled in parallel threads (default: up to 2, the CPU
       count). Timing never overlaps compilation.
@@ -788,7 +844,7 @@ def _axis_base(frontier: Frontier, axis: str, small: bool) -> Any:
   if axis == "T":
     return frontier.T
   cfg = dataclasses.replace(model_config(frontier.model, small=small)[1], **dict(frontier.sizes))
-  return cfg.batch
+  return cfg.seq_len if axis == "seq" else cfg.batch
 
 
 def _axis_x(axis: str, value: Any, small: bool) -> float:

@@ -6,7 +6,7 @@ attention, naive XLA vs mfo.nn.dot_product_attention; the chunked LM head and
 cross entropy vs the naive one; and CPU time of forward + backward (medians of
 interleaved repetitions).
 
-  python docs/long_context_measure.py [memory|loss|time|second] > results.json
+  python benchmarks/long_context.py [memory|loss|time|second] > results.json
 """
 
 import json

@@ -360,7 +360,7 @@ def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
     ['M', 'T', 'batch', 'ladder', 'optimizers', 'seq', 'tasks', 'variants', 'vocab']
     >>> configs = suite.configurations()
     >>> sum(p.timed for p in configs), len(configs), suite.frontier.budget_gib
-    (12, 35, 16.0)
+    (12, 39, 16.0)
   """
   if name not in SUITES:
     raise ValueError(f"unknown suite {name!r}; choose from {list(SUITES)}.")

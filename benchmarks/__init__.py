@@ -18,6 +18,7 @@ from benchmarks._problems import (
   LM_LADDER,
   MODELS,
   NAIVE,
+  OPTIMIZERS,
   TASKS,
   LMConfig,
   MLPConfig,
@@ -37,6 +38,7 @@ from benchmarks._report import (
   save_results,
 )
 from benchmarks._suite import (
+  EXPERIMENT_OPTIMIZERS,
   EXPERIMENTS,
   LM_METHODS,
   SUITES,
@@ -54,11 +56,13 @@ from benchmarks._suite import (
 __all__ = [
   "CORE_METHODS",
   "EXPERIMENTS",
+  "EXPERIMENT_OPTIMIZERS",
   "FAST_COMPILE_OPTIONS",
   "LMConfig",
   "LM_METHODS",
   "NAIVE",
   "NOT_META_GRADIENTS",
+  "OPTIMIZERS",
   "LM_LADDER",
   "METHODS",
   "MLPConfig",

@@ -6,6 +6,8 @@ Examples::
   python -m benchmarks --suite tiny          # smoke run of every experiment, tiny models
   python -m benchmarks --experiments tasks,T --reps 5
   python -m benchmarks --experiments frontier --budget-gib 40
+  python -m benchmarks --experiments optimizers   # inner Lion and Adafactor next to Adam
+  python -m benchmarks --experiments tasks --optimizers adam,lion
   python -m benchmarks --models lm --T 8 --compile-only
   python -m benchmarks --suite grid --tasks maml --models lm-m --T 2,4 --compile-only
   python -m benchmarks --suite full --size lm.seq_len=256
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks._bench import METHODS
-from benchmarks._problems import ATTENTIONS, MODELS, TASKS, model_config
+from benchmarks._problems import ATTENTIONS, MODELS, OPTIMIZERS, TASKS, model_config
 from benchmarks._report import (
   check_targets,
   format_frontier,
@@ -101,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m benchmarks",
     description=(
-      "Memory and wall-clock of exact meta-gradients through T inner Adam steps "
+      "Memory and wall-clock of exact meta-gradients through T inner optimizer steps "
+      "(Adam unless --optimizers or the optimizers experiment says otherwise) "
       "(learning-rate learning, loss weighting, MAML): MixFlow-MG vs the standard "
       "jax.grad-through-lax.scan implementations, on an MLP toy and a RoPE transformer "
       "ladder, with a memory-budget frontier."
@@ -147,6 +150,14 @@ def _parser() -> argparse.ArgumentParser:
     default=None,
     help=f"only these methods ({','.join(METHODS)}); 'standard' is always included as "
     "the reference; grid default: all",
+  )
+  p.add_argument(
+    "--optimizers",
+    type=_csv(str, OPTIMIZERS),
+    default=None,
+    help=f"inner optimizers ({','.join(OPTIMIZERS)}): every Adam configuration of the suite is "
+    "measured with each of them instead (the optimizers experiment: only the listed ones); "
+    "default: adam, and lion, adafactor in the optimizers experiment",
   )
   p.add_argument("--reps", type=int, default=3, help="timed interleaved rounds (default: 3)")
   p.add_argument("--out", default="bench_results", help="output folder (default: bench_results)")
@@ -217,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       args.methods or METHODS,
       small=args.small,
     )
-    suite = select(suite, compile_only=args.compile_only, sizes=sizes)
+    suite = select(suite, compile_only=args.compile_only, sizes=sizes, optimizers=args.optimizers)
   else:
     name = "tiny" if args.small else args.suite
     suite = make_suite(name, budget_gib=args.budget_gib)
@@ -230,9 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       experiments=args.experiments,
       compile_only=args.compile_only,
       sizes=sizes,
+      optimizers=args.optimizers,
     )
   if not suite.points and suite.frontier is None:
-    parser.error("no configuration of the suite is left after --tasks/--models/--T/--methods")
+    parser.error(
+      "no configuration of the suite is left after --tasks/--models/--T/--methods/--optimizers"
+    )
 
   t0 = time.perf_counter()
   meta = {

@@ -1,17 +1,19 @@
 r"""Meta-gradient methods and their measurement (memory, time, agreement).
 
-Every method computes the meta-gradient of the outer loss after T inner Adam
-steps with respect to the meta-parameters :math:`\eta` (see
-:mod:`benchmarks._problems` for the tasks):
+Every method computes the meta-gradient of the outer loss after T inner
+optimizer steps (Adam unless the problem names another optimizer) with respect
+to the meta-parameters :math:`\eta` (see :mod:`benchmarks._problems` for the
+tasks):
 
 .. math::
 
   \frac{dV(\theta_T)}{d\eta}, \qquad
-  \theta_{t+1} = \theta_t + \mathrm{Adam}(\nabla_\theta L(\theta_t, \eta, x_t)).
+  \theta_{t+1} = \theta_t + \mathrm{Opt}(\nabla_\theta L(\theta_t, \eta, x_t)).
 
 They differ only in how it is computed:
 
-- ``"standard"``: what a user writes today. Stock ``optax.adam``, ``jax.grad``
+- ``"standard"``: what a user writes today. Stock ``optax.adam`` (or the
+  problem's ``optax.<optimizer>``), ``jax.grad``
   of the inner loss inside a ``jax.lax.scan`` body, ``jax.grad`` of the whole
   thing, no checkpointing: reverse-over-reverse, storing every step's inner
   forward and backward intermediates.
@@ -133,7 +135,8 @@ def _standard_meta_loss(problem: Problem, remat: str | None) -> Callable:
 
   def meta_loss(meta_params, params, inner_batches, outer_batch):
     hyperparams = problem.hyperparams_fn(meta_params) if problem.hyperparams_fn else {}
-    opt = optax.adam(**{"learning_rate": problem.learning_rate, **hyperparams})
+    make_opt = getattr(optax, problem.optimizer)
+    opt = make_opt(**{"learning_rate": problem.learning_rate, **hyperparams})
     inner_meta = {} if problem.task == "maml" else meta_params
 
     def step(carry, batch):
@@ -160,7 +163,7 @@ def _standard_meta_loss(problem: Problem, remat: str | None) -> Callable:
 
 def _unroll_meta_loss(problem: Problem, **unroll_kwargs: Any) -> Callable:
   """The meta-loss written with :func:`mixflow_optax.unroll`."""
-  opt = mfo.transforms.adam(problem.learning_rate)
+  opt = getattr(mfo.transforms, problem.optimizer)(problem.learning_rate)
   run = mfo.unroll(problem.inner_loss, opt, hyperparams_fn=problem.hyperparams_fn, **unroll_kwargs)
 
   def meta_loss(meta_params, params, inner_batches, outer_batch):
@@ -384,9 +387,10 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 
 def config_key(record: dict[str, Any]) -> tuple:
-  """What identifies a configuration: task, model, sizes, T and dtype (not the method)."""
+  """What identifies a configuration: task, model, optimizer, sizes, T and dtype (not the method)."""
   cfg = tuple(sorted((k, v) for k, v in record["config"].items()))
-  return (record["task"], record["model"], record["T"], record["dtype"], cfg)
+  opt = record.get("optimizer", "adam")
+  return (record["task"], record["model"], opt, record["T"], record["dtype"], cfg)
 
 
 def make_record(
@@ -399,6 +403,7 @@ def make_record(
     "model": problem.model,
     "family": problem.family,
     "T": problem.T,
+    "optimizer": problem.optimizer,
     "method": method,
     "batch": problem.config["batch"],
     "seq_len": problem.config.get("seq_len"),

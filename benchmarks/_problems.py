@@ -1,4 +1,4 @@
-r"""Benchmark problems: three meta-learning tasks on an inner loop of T Adam steps.
+r"""Benchmark problems: three meta-learning tasks on an inner loop of T optimizer steps.
 
 Every problem is a bilevel problem
 
@@ -21,6 +21,11 @@ those of the paper's benchmarks:
 - ``"maml"``: :math:`\eta = \theta_0`, the initial parameters.
 
 The outer loss :math:`V` is the unweighted mean loss on a held-out batch.
+
+The inner optimizer is Adam unless a problem names another
+(``optimizer="lion"``, ``"adafactor"``, ...: any of :data:`OPTIMIZERS`, stock
+``optax.<name>`` in the standard baselines and ``mixflow_optax.transforms.<name>``
+in the MixFlow methods, at the same learning rate and default hyperparameters).
 
 Two model families:
 
@@ -80,6 +85,7 @@ __all__ = [
   "LM_LADDER",
   "ATTENTIONS",
   "NAIVE",
+  "OPTIMIZERS",
   "MLP_BASE_BATCH",
   "Problem",
   "MODELS",
@@ -98,8 +104,25 @@ ATTENTIONS: tuple[str, ...] = ("mfo", "xla")
 #: Size overrides that make the naive LM (XLA attention, no per-block remat).
 NAIVE: dict[str, Any] = {"attention": "xla", "block_remat": 0}
 
-#: Inner Adam learning rate (the initial one, for ``"learning_rate"``).
+#: Inner learning rate (the initial one, for ``"learning_rate"``), whatever the optimizer.
 LEARNING_RATE = 1e-3
+
+#: Inner optimizers a problem can use: the names of both an optax alias and
+#: its reparameterised :mod:`mixflow_optax.transforms` version, whose first
+#: argument is the learning rate.
+OPTIMIZERS: tuple[str, ...] = tuple(
+  name
+  for name in ("adam", "adamw", "nadam", "lion", "adafactor", "rmsprop", "sgd", "adabelief")
+  if hasattr(mfo.transforms, name)
+)
+
+
+def check_optimizer(name: str) -> str:
+  """``name`` if it is one of :data:`OPTIMIZERS`; raises a clear error otherwise."""
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown inner optimizer {name!r}; choose from {list(OPTIMIZERS)}.")
+  return name
+
 
 #: Examples per inner step of the MLP toy at work size ``M = 1``.
 MLP_BASE_BATCH = 128
@@ -123,8 +146,9 @@ class Problem(NamedTuple):
     outer_loss: ``outer_loss(params, batch) -> scalar``.
     hyperparams_fn: ``hyperparams_fn(meta_params) -> {"learning_rate": ...}``
       for ``"learning_rate"``, else ``None``.
-    learning_rate: the inner Adam learning rate when it is not learned.
+    learning_rate: the inner learning rate when it is not learned.
     config: the model's sizes and parameter count (recorded in the results).
+    optimizer: the inner optimizer, one of :data:`OPTIMIZERS` (``"adam"``).
   """
 
   task: str
@@ -140,6 +164,7 @@ class Problem(NamedTuple):
   hyperparams_fn: Callable[[Any], dict[str, Any]] | None
   learning_rate: float
   config: dict[str, Any]
+  optimizer: str = "adam"
 
   @property
   def args(self) -> tuple[Any, ...]:
@@ -226,10 +251,12 @@ def _make_task(
   seed: int,
   dtype: Any,
   abstract: bool,
+  optimizer: str = "adam",
 ) -> Problem:
   """Wraps a model (parameters, data, per-example loss) into a task's :class:`Problem`."""
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}.")
+  check_optimizer(optimizer)
   rng = np.random.default_rng(seed)
   params = _build(param_specs, rng, dtype, abstract)
   inner_batches = _build(inner_data, rng, dtype, abstract)
@@ -278,6 +305,7 @@ def _make_task(
     hyperparams_fn=hyperparams_fn,
     learning_rate=LEARNING_RATE,
     config=config,
+    optimizer=optimizer,
   )
 
 
@@ -343,6 +371,7 @@ def mlp_problem(
   dtype: Any = jnp.float32,
   abstract: bool = False,
   name: str | None = None,
+  optimizer: str = "adam",
 ) -> Problem:
   """The MLP toy: regression to random targets, per-example squared error.
 
@@ -354,6 +383,7 @@ def mlp_problem(
     dtype: floating dtype of parameters, data and meta-parameters.
     abstract: ``jax.ShapeDtypeStruct`` s instead of arrays (compile-only).
     name: the model's name in the results (default ``"mlp-M<batch/128>"``).
+    optimizer: the inner optimizer, one of :data:`OPTIMIZERS`.
 
   Returns:
     A :class:`Problem`.
@@ -381,6 +411,7 @@ def mlp_problem(
     seed=seed,
     dtype=dtype,
     abstract=abstract,
+    optimizer=optimizer,
   )
 
 
@@ -572,6 +603,7 @@ def lm_problem(
   dtype: Any = jnp.float32,
   abstract: bool = False,
   name: str = "lm",
+  optimizer: str = "adam",
 ) -> Problem:
   """The transformer LM: next-token prediction on uniformly random token ids.
 
@@ -585,6 +617,7 @@ def lm_problem(
     dtype: floating dtype of parameters and meta-parameters.
     abstract: ``jax.ShapeDtypeStruct`` s instead of arrays (compile-only).
     name: the model's name in the results.
+    optimizer: the inner optimizer, one of :data:`OPTIMIZERS`.
 
   Returns:
     A :class:`Problem`.
@@ -611,6 +644,7 @@ def lm_problem(
     seed=seed,
     dtype=dtype,
     abstract=abstract,
+    optimizer=optimizer,
   )
 
 
@@ -678,6 +712,7 @@ def make_problem(
   seed: int = 0,
   dtype: Any = jnp.float32,
   abstract: bool = False,
+  optimizer: str = "adam",
   **sizes: int,
 ) -> Problem:
   """Builds ``task`` on ``model`` with ``T`` inner steps.
@@ -691,6 +726,7 @@ def make_problem(
     seed: PRNG seed.
     dtype: floating dtype.
     abstract: ``jax.ShapeDtypeStruct`` s instead of arrays (compile-only).
+    optimizer: the inner optimizer, one of :data:`OPTIMIZERS`.
     **sizes: overrides of :class:`MLPConfig` / :class:`LMConfig` fields,
       e.g. ``batch=128``.
 
@@ -704,6 +740,8 @@ def make_problem(
     >>> p = make_problem("lm-xl", T=8, task="maml", abstract=True)
     >>> p.config["n_params"], p.params is None
     (85347072, True)
+    >>> make_problem("mlp", T=2, small=True, optimizer="lion").optimizer
+    'lion'
   """
   if T < 1:
     raise ValueError(f"T must be a positive number of inner steps, got {T}.")
@@ -719,4 +757,6 @@ def make_problem(
     name = _mlp_name(cfg.batch, base=4 if small else MLP_BASE_BATCH)
   else:
     name = _lm_name(model, cfg, base=model_config(model, small=small)[1])
-  return ctor(T, cfg, task=task, seed=seed, dtype=dtype, abstract=abstract, name=name)
+  return ctor(
+    T, cfg, task=task, seed=seed, dtype=dtype, abstract=abstract, name=name, optimizer=optimizer
+  )

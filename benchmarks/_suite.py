@@ -21,6 +21,9 @@ CPU:
   suite), the latter for the naive model (``lm-s-naive``, compile-only) too;
 - ``vocab``: ``lm-s`` with a 32k vocabulary, its logits whole or computed
   over chunks of tokens;
+- ``optimizers``: learning-rate learning and MAML with inner Lion and
+  Adafactor next to Adam (every other experiment uses Adam), timed on the MLP
+  toy, memory on ``lm-s``;
 - ``frontier``: for a memory budget (16 GiB by default), the largest model,
   batch, T and sequence length that fit with each method, found by
   compile-only memory analysis (:func:`largest_fitting`): the paper's "how
@@ -64,10 +67,18 @@ from benchmarks._bench import (
   make_record,
   time_methods,
 )
-from benchmarks._problems import LM_LADDER, TASKS, Problem, make_problem, model_config
+from benchmarks._problems import (
+  LM_LADDER,
+  TASKS,
+  Problem,
+  check_optimizer,
+  make_problem,
+  model_config,
+)
 
 __all__ = [
   "EXPERIMENTS",
+  "EXPERIMENT_OPTIMIZERS",
   "LM_METHODS",
   "SUITES",
   "Point",
@@ -91,8 +102,14 @@ EXPERIMENTS: tuple[str, ...] = (
   "batch",
   "seq",
   "vocab",
+  "optimizers",
   "frontier",
 )
+
+#: The inner optimizers of the ``optimizers`` experiment. Learning-rate
+#: learning and MAML only: Lion's sign step has zero derivative with respect to
+#: loss weights, so loss weighting would have a zero meta-gradient.
+EXPERIMENT_OPTIMIZERS: tuple[str, ...] = ("adam", "lion", "adafactor")
 
 #: The methods of the LM points: the core ones and the floor of one inner HVP.
 LM_METHODS: tuple[str, ...] = (*CORE_METHODS, "hvp")
@@ -115,6 +132,7 @@ class Point:
     methods: methods to measure (``"standard"`` is always added).
     timed: run and time it (else compile-only: memory only).
     experiments: the experiments it belongs to.
+    optimizer: the inner optimizer (see :data:`~benchmarks.OPTIMIZERS`).
   """
 
   task: str
@@ -124,10 +142,11 @@ class Point:
   methods: tuple[str, ...] = CORE_METHODS
   timed: bool = True
   experiments: tuple[str, ...] = ()
+  optimizer: str = "adam"
 
   @property
-  def key(self) -> tuple[str, str, int, Sizes]:
-    return (self.task, self.model, self.T, tuple(sorted(self.sizes)))
+  def key(self) -> tuple[str, str, int, Sizes, str]:
+    return (self.task, self.model, self.T, tuple(sorted(self.sizes)), self.optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,18 +357,18 @@ def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
   Examples:
     >>> suite = make_suite("default")
     >>> sorted({e for p in suite.points for e in p.experiments})
-    ['M', 'T', 'batch', 'ladder', 'seq', 'tasks', 'variants', 'vocab']
+    ['M', 'T', 'batch', 'ladder', 'optimizers', 'seq', 'tasks', 'variants', 'vocab']
     >>> configs = suite.configurations()
     >>> sum(p.timed for p in configs), len(configs), suite.frontier.budget_gib
-    (8, 31, 16.0)
+    (12, 39, 16.0)
   """
   if name not in SUITES:
     raise ValueError(f"unknown suite {name!r}; choose from {list(SUITES)}.")
   pre = _PRESETS[name]
   lw, lm, mlp = "loss_weighting", "lm-s", pre.mlp
 
-  def pt(task, model, T, sizes=(), experiments=(), methods=CORE_METHODS, timed=True):
-    return Point(task, model, T, tuple(sizes), tuple(methods), timed, tuple(experiments))
+  def pt(task, model, T, sizes=(), experiments=(), methods=CORE_METHODS, timed=True, opt="adam"):
+    return Point(task, model, T, tuple(sizes), tuple(methods), timed, tuple(experiments), opt)
 
   points = []
   lmm = LM_METHODS
@@ -395,6 +414,11 @@ def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
   for vocab, chunk in pre.vocabs:
     sizes = {**base, "vocab": vocab, "loss_chunk": chunk}.items()
     points.append(pt(lw, lm, 4, sizes, ["vocab"], lmm, timed=False))
+  # Other inner optimizers (the Adam points are shared with the tasks experiment).
+  for opt in EXPERIMENT_OPTIMIZERS:
+    for task in ("learning_rate", "maml"):
+      points.append(pt(task, mlp, 4, (), ["optimizers"], opt=opt))
+      points.append(pt(task, lm, 4, pre.lm_mem, ["optimizers"], timed=False, opt=opt))
   grids = {"seqs": tuple(2**i for i in range(7, 18)), **pre.frontier_grids}
   frontier = Frontier(budget_gib=budget_gib, model=lm, T=4, sizes=pre.lm_mem, **grids)
   return Suite(name, tuple(points), frontier, small=name == "tiny")
@@ -422,6 +446,19 @@ def _matches(model: str, names: Sequence[str]) -> bool:
   return any(model == n or model.split("-")[0] == n for n in names)
 
 
+def _with_optimizers(points: Iterable[Point], optimizers: Sequence[str] | None) -> list[Point]:
+  """Adam points with each of ``optimizers``; other points only if their optimizer is listed."""
+  if optimizers is None:
+    return list(points)
+  out = []
+  for p in points:
+    if p.optimizer == "adam":
+      out += [dataclasses.replace(p, optimizer=o) for o in optimizers]
+    elif p.optimizer in optimizers:
+      out.append(p)
+  return out
+
+
 def select(
   suite: Suite,
   *,
@@ -432,8 +469,14 @@ def select(
   experiments: Sequence[str] | None = None,
   compile_only: bool = False,
   sizes: dict[str, dict[str, int]] | None = None,
+  optimizers: Sequence[str] | None = None,
 ) -> Suite:
   """Restricts a suite to some tasks, models (names or families), T values, methods, experiments.
+
+  ``optimizers`` (inner optimizer names) measures every Adam point of the
+  suite with each of them instead, and keeps the points of other optimizers
+  (the ``optimizers`` experiment) only if listed; the frontier (Adam) is
+  kept only if ``"adam"`` is listed.
 
   ``compile_only`` makes every point compile-only; ``sizes`` (family ->
   field -> value) overrides sizes of every point of that family (points that
@@ -443,8 +486,11 @@ def select(
   """
   if methods is not None:
     methods = check_methods(methods)
+  if optimizers is not None:
+    for o in optimizers:
+      check_optimizer(o)
   points = []
-  for p in suite.points:
+  for p in _with_optimizers(suite.points, optimizers):
     exps = p.experiments
     if experiments is not None and "grid" not in exps:
       exps = tuple(e for e in exps if e in experiments)
@@ -481,6 +527,7 @@ def select(
     keep = experiments is None or "frontier" in experiments
     keep = keep and (tasks is None or frontier.task in tasks)
     keep = keep and (models is None or _matches(frontier.model, models))
+    keep = keep and (optimizers is None or "adam" in optimizers)
     if not keep:
       frontier = None
     elif methods is not None:
@@ -616,7 +663,8 @@ class _Progress:
 
 def _label(p: Point, method: str | None = None) -> str:
   sizes = ",".join(f"{k}={v}" for k, v in p.sizes)
-  text = f"{p.task} {p.model} T={p.T}" + (f" {sizes}" if sizes else "")
+  opt = "" if p.optimizer == "adam" else f" {p.optimizer}"
+  text = f"{p.task} {p.model}{opt} T={p.T}" + (f" {sizes}" if sizes else "")
   return text + (f" {method}" if method else "")
 
 
@@ -710,6 +758,7 @@ def run_suite(
           seed=seed,
           dtype=dtype,
           abstract=not p.timed,
+          optimizer=p.optimizer,
           **dict(p.sizes),
         )
       return problems[ck(p)]
@@ -832,10 +881,10 @@ def run_suite(
 
 
 def _canonical_key(p: Point, small: bool) -> tuple:
-  """What identifies a configuration: task, model family, T and every size of the model."""
+  """What identifies a configuration: task, model family, T, every size of the model, optimizer."""
   family, cfg = model_config(p.model, small=small)
   sizes = tuple(sorted(dataclasses.asdict(dataclasses.replace(cfg, **dict(p.sizes))).items()))
-  return (p.task, family, p.T, sizes)
+  return (p.task, family, p.T, sizes, p.optimizer)
 
 
 def _axis_base(frontier: Frontier, axis: str, small: bool) -> Any:

@@ -37,6 +37,7 @@ KEYS = (
   "model",
   "family",
   "T",
+  "optimizer",
   "method",
   "batch",
   "seq_len",
@@ -157,6 +158,41 @@ class ExactTest(helpers.F64TestCase):
     # Even at tiny size, reverse-over-reverse without remat holds more.
     for task in bench.TASKS:
       assert _by(records, task=task, method="mixflow")[0]["mem_ratio_vs_standard"] > 1
+
+  def test_other_inner_optimizers_are_exact_in_float64(self):
+    """With inner Lion and Adafactor too, every method computes the standard meta-gradient.
+
+    Learning-rate learning with every exact method, MAML with the core ones
+    (the variants differ only in checkpointing, which is task-independent);
+    not loss weighting: Lion's sign has zero derivative with respect to loss
+    weights. Adafactor's MLP is 128 wide, so that its second moments are
+    factored (``min_dim_size_to_factor=128``).
+    """
+    exact = tuple(m for m in bench.METHODS if m not in ("first_order", "hvp"))
+    wide = (("width", 128),)
+    points = [
+      bench.Point(task, "mlp", 2, sizes, methods, True, ("grid",), opt)
+      for opt, sizes in (("lion", ()), ("adafactor", wide))
+      for task, methods in (("learning_rate", exact), ("maml", bench.CORE_METHODS))
+    ]
+    suite = bench.Suite("test", tuple(points), small=True)
+    result = bench.run_suite(suite, reps=1, dtype=jnp.float64, fast_compile=True, progress=False)
+    records = result.records
+    assert len(records) == 2 * (len(exact) + len(bench.CORE_METHODS))
+    for r in records:
+      _check_record(r, compile_only=False)
+      assert r["optimizer"] in ("lion", "adafactor") and r["meta_grad_norm"] > 0
+      assert r["rel_err"] < 1e-10, (r["optimizer"], r["task"], r["method"], r["rel_err"])
+    # The optimizer is the one named: its learning-rate meta-gradient is not Adam's.
+    p = bench.make_problem("mlp", 2, task="learning_rate", small=True, dtype=jnp.float64)
+    adam = float(jnp.abs(bench.make_meta_grad(p, "standard")(*p.args)["log_lr"]))
+    for opt in ("lion", "adafactor"):
+      rec = _by(records, optimizer=opt, task="learning_rate", method="standard")[0]
+      if opt == "adafactor":
+        assert rec["config"]["width"] == 128
+      assert not math.isclose(rec["meta_grad_norm"], adam, rel_tol=1e-3), opt
+    with self.assertRaisesRegex(ValueError, "unknown inner optimizer"):
+      bench.make_problem("mlp", 2, small=True, optimizer="adamax_typo")
 
   def test_hvp_is_one_hessian_vector_product(self):
     """The "hvp" floor: d/de of the inner gradient (parameters and loss weights) along theta."""
@@ -411,6 +447,21 @@ class BenchTest(helpers.TestCase):
     assert max(seqs["lm-s"]) == 8192 and {1024, 4096} <= set(seqs["lm-s-naive"])
     assert [dict(p.sizes)["vocab"] for p in where("vocab")] == [32768, 32768]
     assert {dict(p.sizes)["loss_chunk"] > 0 for p in where("vocab")} == {False, True}
+    # Other inner optimizers: Adam's points are shared with the tasks experiment.
+    opts = where("optimizers")
+    assert {(p.task, p.optimizer) for p in opts} == {
+      (t, o) for t in ("learning_rate", "maml") for o in bench.EXPERIMENT_OPTIMIZERS
+    }
+    assert {p.model for p in opts if p.timed} == {"mlp-M16"}
+    assert {p.model for p in opts if not p.timed} == {"lm-s"}
+    assert all("tasks" in p.experiments for p in opts if p.optimizer == "adam")
+    sel = bench.select(default, experiments=["tasks"], models=["mlp"], optimizers=["lion"])
+    assert {(p.task, p.optimizer) for p in sel.configurations()} == {
+      (t, "lion") for t in bench.TASKS
+    }
+    assert sel.frontier is None  # The frontier searches with Adam.
+    sel = bench.select(default, experiments=["optimizers"], optimizers=["adam", "adafactor"])
+    assert {p.optimizer for p in sel.points} == {"adam", "adafactor"}
     assert default.frontier.budget_gib == 16.0 and default.frontier.model == "lm-s"
     assert set(default.frontier.axes()) == {"model", "batch", "T", "seq"}
     assert default.frontier.seqs[0] <= 1024 and default.frontier.seqs[-1] >= 65536
@@ -469,6 +520,7 @@ class BenchTest(helpers.TestCase):
       ["--size", "lm.batch=four"],
       ["--tasks", "distillation"],
       ["--experiments", "ladder,speed"],
+      ["--optimizers", "adam,sgdd"],
       ["--models", "lm", "--tasks", "maml", "--T", "8"],  # nothing left
     ):
       with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):

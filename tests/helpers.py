@@ -298,6 +298,59 @@ def outer_loss(params, outer):
   return jnp.mean(_per_example(params, outer))
 
 
+def unroll_meta_loss(opt, kind, mode, *, remat=True):
+  """Meta-loss of the exactness problem through ``mfo.unroll`` with the mfo optimizer ``opt``.
+
+  ``remat`` sets both ``remat`` and ``save_inner_grads``.
+  """
+  run = mfo.unroll(
+    inner_loss(kind),
+    opt,
+    hyperparams_fn=hyperparams_fn(kind),
+    mode=mode,
+    remat=remat,
+    save_inner_grads=remat,
+  )
+
+  def meta_loss(meta, params0, batches, outer):
+    params, _ = run(meta, params0, opt.init(params0), batches)
+    return outer_loss(params, outer)
+
+  return meta_loss
+
+
+def bptt_meta_loss(stock, kind):
+  """Plain BPTT reference: ``jax.grad`` inside a ``lax.scan`` of steps of ``stock(lr)``.
+
+  ``stock`` is a stock optax factory of the learning rate. Per-parameter rates
+  are the last (linear) factor of every update in the optimizers tested this
+  way, so they are the stock optimizer at rate 1, rescaled per leaf.
+  """
+  loss = inner_loss(kind)
+
+  def meta_loss(meta, params0, batches, outer):
+    scale = None
+    if kind == "learning_rate":
+      opt = stock(jnp.exp(meta["log_lr"]))
+    elif kind == "per_param_rates":
+      opt, scale = stock(1.0), jax.tree.map(jnp.exp, meta["log_lr"])
+    else:
+      opt = stock(LR)
+
+    def step(carry, batch):
+      params, state = carry
+      grads = jax.grad(loss)(params, meta, batch)
+      updates, state = opt.update(grads, state, params)
+      if scale is not None:
+        updates = jax.tree.map(jnp.multiply, updates, scale)
+      return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), batches)
+    return outer_loss(params, outer)
+
+  return meta_loss
+
+
 def max_rel_err(a, b):
   """Largest absolute difference of two pytrees, relative to the largest entry of ``b``."""
   num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

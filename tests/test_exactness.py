@@ -46,64 +46,13 @@ OPTIMIZERS = {
 }
 
 
-def _mfo_meta_loss(opt_name, kind, mode, remat, T):
-  mfo_opt = OPTIMIZERS[opt_name][0](helpers.LR)
-  run = mfo.unroll(
-    helpers.inner_loss(kind),
-    mfo_opt,
-    hyperparams_fn=helpers.hyperparams_fn(kind),
-    mode=mode,
-    remat=remat,
-    save_inner_grads=remat,
-  )
-
-  def meta_loss(meta, params0, batches, outer):
-    params, _ = run(meta, params0, mfo_opt.init(params0), batches)
-    return helpers.outer_loss(params, outer)
-
-  return meta_loss
-
-
-def _reference_meta_loss(opt_name, kind, T):
-  """Plain BPTT: jax.grad inside a lax.scan of stock optax steps."""
-  del T  # given by the leading axis of the batches
-  stock = OPTIMIZERS[opt_name][1]
-  inner_loss = helpers.inner_loss(kind)
-
-  def meta_loss(meta, params0, batches, outer):
-    if kind == "learning_rate":
-      opt = stock(jnp.exp(meta["log_lr"]))
-      scale = None
-    elif kind == "per_param_rates":
-      # Rates are the last (linear) factor of every update in these
-      # optimizers, so per-leaf rates = stock optimizer at rate 1, rescaled.
-      opt = stock(1.0)
-      scale = jax.tree.map(jnp.exp, meta["log_lr"])
-    else:
-      opt = stock(helpers.LR)
-      scale = None
-
-    def step(carry, batch):
-      params, state = carry
-      grads = jax.grad(inner_loss)(params, meta, batch)
-      updates, state = opt.update(grads, state, params)
-      if scale is not None:
-        updates = jax.tree.map(lambda u, s: u * s, updates, scale)
-      return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), batches)
-    return helpers.outer_loss(params, outer)
-
-  return meta_loss
-
-
 @functools.cache
 def _reference_meta_gradient(opt_name, kind, T):
   """Cached: shared by the mode x remat variants of one (optimizer, kind, T)."""
   with jax.enable_x64(True):
     params, batches, outer = helpers.exactness_problem(T)
     meta = helpers.meta_params(kind, params)
-    ref = jax.jit(jax.grad(_reference_meta_loss(opt_name, kind, T), argnums=(0, 1)))
+    ref = jax.jit(jax.grad(helpers.bptt_meta_loss(OPTIMIZERS[opt_name][1], kind), argnums=(0, 1)))
     return jax.device_get(ref(meta, params, batches, outer))
 
 
@@ -118,7 +67,12 @@ class ExactnessTest(helpers.F64TestCase):
   def test_matches_plain_bptt_through_stock_optax(self, opt_name, kind, mode, T, remat):
     params, batches, outer = helpers.exactness_problem(T)
     meta = helpers.meta_params(kind, params)
-    ours = jax.jit(jax.grad(_mfo_meta_loss(opt_name, kind, mode, remat, T), argnums=(0, 1)))
+    ours = jax.jit(
+      jax.grad(
+        helpers.unroll_meta_loss(OPTIMIZERS[opt_name][0](helpers.LR), kind, mode, remat=remat),
+        argnums=(0, 1),
+      )
+    )
     got = ours(meta, params, batches, outer)
     want = _reference_meta_gradient(opt_name, kind, T)
     self.assertTrue(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got)))
@@ -131,7 +85,7 @@ class ExactnessTest(helpers.F64TestCase):
     T = 3
     params, batches, outer = helpers.exactness_problem(T, seed=1)
     meta = helpers.meta_params(kind, params)
-    f = jax.jit(_mfo_meta_loss(opt_name, kind, "mixflow", True, T))
+    f = jax.jit(helpers.unroll_meta_loss(OPTIMIZERS[opt_name][0](helpers.LR), kind, "mixflow"))
     g = jax.jit(jax.grad(f, argnums=(0, 1)))(meta, params, batches, outer)
     # Directional derivative along a random direction in (meta, params0).
     leaves, treedef = jax.tree.flatten((meta, params))

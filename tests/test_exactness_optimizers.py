@@ -51,58 +51,13 @@ OPTIMIZERS = {
 }
 
 
-def _mfo_meta_loss(opt_name, kind, mode):
-  opt = OPTIMIZERS[opt_name][0](helpers.LR)
-  run = mfo.unroll(
-    helpers.inner_loss(kind),
-    opt,
-    hyperparams_fn=helpers.hyperparams_fn(kind),
-    mode=mode,
-    remat=True,
-  )
-
-  def meta_loss(meta, params0, batches, outer):
-    params, _ = run(meta, params0, opt.init(params0), batches)
-    return helpers.outer_loss(params, outer)
-
-  return meta_loss
-
-
-def _reference_meta_loss(opt_name, kind):
-  """Plain BPTT: jax.grad inside a lax.scan of stock optax steps."""
-  stock = OPTIMIZERS[opt_name][1]
-  inner_loss = helpers.inner_loss(kind)
-
-  def meta_loss(meta, params0, batches, outer):
-    scale = None
-    if kind == "learning_rate":
-      opt = stock(jnp.exp(meta["log_lr"]))
-    elif kind == "per_param_rates":  # Stock optimizer at rate 1, rescaled per leaf.
-      opt, scale = stock(1.0), jax.tree.map(jnp.exp, meta["log_lr"])
-    else:
-      opt = stock(helpers.LR)
-
-    def step(carry, batch):
-      params, state = carry
-      grads = jax.grad(inner_loss)(params, meta, batch)
-      updates, state = opt.update(grads, state, params)
-      if scale is not None:
-        updates = jax.tree.map(jnp.multiply, updates, scale)
-      return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params0, opt.init(params0)), batches)
-    return helpers.outer_loss(params, outer)
-
-  return meta_loss
-
-
 @functools.cache
 def _reference_meta_gradient(opt_name, kind):
   """Cached: shared by the two modes."""
   with jax.enable_x64(True):
     params, batches, outer = helpers.exactness_problem(STEPS)
     meta = helpers.meta_params(kind, params)
-    ref = jax.jit(jax.grad(_reference_meta_loss(opt_name, kind), argnums=(0, 1)))
+    ref = jax.jit(jax.grad(helpers.bptt_meta_loss(OPTIMIZERS[opt_name][1], kind), argnums=(0, 1)))
     return jax.device_get(ref(meta, params, batches, outer))
 
 
@@ -122,7 +77,11 @@ class ExactnessTest(helpers.F64TestCase):
   def test_matches_plain_bptt_through_stock_optax(self, opt_name, kind, mode):
     params, batches, outer = helpers.exactness_problem(STEPS)
     meta = helpers.meta_params(kind, params)
-    ours = jax.jit(jax.grad(_mfo_meta_loss(opt_name, kind, mode), argnums=(0, 1)))
+    ours = jax.jit(
+      jax.grad(
+        helpers.unroll_meta_loss(OPTIMIZERS[opt_name][0](helpers.LR), kind, mode), argnums=(0, 1)
+      )
+    )
     got = ours(meta, params, batches, outer)
     want = _reference_meta_gradient(opt_name, kind)
     leaves = jax.tree.leaves(want)

@@ -18,6 +18,7 @@ import optax
 from mixflow_optax.transforms._base import (
   ReparamTransformation,
   leaf_results,
+  map_leaves,
   per_leaf,
   resolve_hyperparams,
 )
@@ -359,9 +360,7 @@ def scale_by_trust_ratio(
       ratio = jnp.where(zero, jnp.array(1.0, dtype=p.dtype), ratio)
       return (u * ratio).astype(u.dtype)
 
-    return jax.tree.unflatten(
-      jax.tree.structure(updates), leaf_results(leaf, updates, params, *cols)
-    ), state
+    return map_leaves(leaf, updates, params, *cols), state
 
   return ReparamTransformation(init_fn, update_fn, defaults)
 

@@ -16,6 +16,7 @@ import optax
 from mixflow_optax.transforms._base import (
   ReparamTransformation,
   leaf_results,
+  map_leaves,
   per_leaf,
   resolve_hyperparams,
 )
@@ -182,8 +183,6 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> ReparamTransformation:
       denom = jnp.maximum(1.0, safe_sqrt(jnp.mean((u.conj() * u).real)) / c)
       return (u / denom).astype(u.dtype)
 
-    return jax.tree.unflatten(
-      jax.tree.structure(updates), leaf_results(leaf, updates, thresholds)
-    ), state
+    return map_leaves(leaf, updates, thresholds), state
 
   return ReparamTransformation(init_fn, update_fn, defaults)

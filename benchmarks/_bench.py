@@ -86,6 +86,7 @@ __all__ = [
   "make_meta_grad",
   "compile_method",
   "time_methods",
+  "interleaved_medians",
   "bench_problem",
 ]
 
@@ -343,16 +344,42 @@ def time_methods(
     out[m]["rel_err"] = _rel_err(grads[m], grads[REFERENCE]) if exact else None
     out[m]["meta_grad_norm"] = _grad_norm(grads[m])
   del grads
-  times: dict[str, list[float]] = {m: [] for m in compiled}
-  for r in range(reps):
-    say(f"round {r + 1}/{reps}")
-    for m in compiled:
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled[m](*args))
-      times[m].append(time.perf_counter() - t0)
-  for m, ts in times.items():
-    out[m]["seconds"] = statistics.median(ts)
+  calls = {m: (lambda f=f: f(*args)) for m, f in compiled.items()}
+  seconds = interleaved_medians(calls, reps, on_round=lambda r: say(f"round {r + 1}/{reps}"))
+  for m, sec in seconds.items():
+    out[m]["seconds"] = sec
   return out
+
+
+def interleaved_medians(
+  calls: dict[Any, Callable[[], Any]],
+  reps: int,
+  *,
+  on_round: Callable[[int], None] | None = None,
+) -> dict[Any, float]:
+  """Median seconds of each call, the calls interleaved within each of ``reps`` rounds.
+
+  Interleaving spreads slow drifts of a shared machine (other jobs, thermal
+  state) over every call alike, so that ratios of medians stay meaningful.
+  The calls must already be compiled and warm.
+
+  Args:
+    calls: key -> zero-argument function (its result is waited for).
+    reps: timed rounds (>= 1).
+    on_round: called with the round's index before each round.
+
+  Returns:
+    key -> median seconds.
+  """
+  times: dict[Any, list[float]] = {k: [] for k in calls}
+  for r in range(reps):
+    if on_round is not None:
+      on_round(r)
+    for k, call in calls.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(call())
+      times[k].append(time.perf_counter() - t0)
+  return {k: statistics.median(ts) for k, ts in times.items()}
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:

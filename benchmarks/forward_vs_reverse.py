@@ -18,8 +18,8 @@ XLA flags of the calling environment: leave ``XLA_FLAGS`` unset for the default 
 
 Usage::
 
-  python benchmarks/forward_vs_reverse.py --out docs/bench            # ~10 min on 2 busy CPU cores
-  python benchmarks/forward_vs_reverse.py --out /tmp/fwd --quick      # smoke run
+  python -m benchmarks.forward_vs_reverse --out docs/bench            # ~10 min on 2 busy CPU cores
+  python -m benchmarks.forward_vs_reverse --out /tmp/fwd --quick      # smoke run
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import math
 import os
 import pathlib
 import platform
-import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 import optax
 
 import mixflow_optax as mfo
+from benchmarks._bench import interleaved_medians
 
 METHODS = ("forward", "mixflow", "mixflow_sqrt")
 WIDTH, IN_DIM, BATCH = 256, 16, 64
@@ -124,13 +124,7 @@ def measure_times(configs: Sequence[tuple[str, int, int]], reps: int) -> dict[tu
     step = jax.jit(mo.step)
     jax.block_until_ready(step(state, inner, outer))  # compile and warm up
     runs[config] = (step, (state, inner, outer))
-  samples: dict[tuple, list[float]] = {c: [] for c in configs}
-  for _ in range(reps):
-    for config, (step, args) in runs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(step(*args))
-      samples[config].append(time.perf_counter() - start)
-  return {c: statistics.median(s) for c, s in samples.items()}
+  return interleaved_medians({c: (lambda s=s, a=a: s(*a)) for c, (s, a) in runs.items()}, reps)
 
 
 def check_exact(n: int = 4, T: int = 20) -> float:

@@ -6,18 +6,17 @@ attention, naive XLA vs mfo.nn.dot_product_attention; the chunked LM head and
 cross entropy vs the naive one; and CPU time of forward + backward (medians of
 interleaved repetitions).
 
-  python benchmarks/long_context.py [memory|loss|time|second] > results.json
+  python -m benchmarks.long_context [memory|loss|time|second] > results.json
 """
 
 import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import mixflow_optax as mfo
+from benchmarks._bench import interleaved_medians
 
 BATCH, HEADS, HEAD_DIM = 4, 4, 32
 
@@ -91,14 +90,9 @@ def timing(reps=7):
     for name in ("xla", "flash:256", "checkpoint:256"):
       fns[name] = jax.jit(_programs(_attention(name))["grad"])
       jax.block_until_ready(fns[name](q, k, v))
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-      for name, f in fns.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(q, k, v))
-        times[name].append(time.perf_counter() - t0)
-    for name, ts in times.items():
-      rows.append({"seq": s, "attention": name, "median_ms": round(1e3 * float(np.median(ts)), 1)})
+    medians = interleaved_medians({n: (lambda f=f: f(q, k, v)) for n, f in fns.items()}, reps)
+    for name, sec in medians.items():
+      rows.append({"seq": s, "attention": name, "median_ms": round(1e3 * sec, 1)})
       print(rows[-1], file=sys.stderr, flush=True)
   return rows
 
@@ -125,16 +119,11 @@ def second_order(reps=7):
     fns = {
       name: jax.jit(_programs(_attention(name))["hvp"]) for name in ("flash:256", "checkpoint:256")
     }
-    times = {name: [] for name in fns}
     for f in fns.values():
       jax.block_until_ready(f(q, k, v))
-    for _ in range(reps):
-      for name, f in fns.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(q, k, v))
-        times[name].append(time.perf_counter() - t0)
-    for name, ts in times.items():
-      ms = round(1e3 * float(np.median(ts)), 1)
+    medians = interleaved_medians({n: (lambda f=f: f(q, k, v)) for n, f in fns.items()}, reps)
+    for name, sec in medians.items():
+      ms = round(1e3 * sec, 1)
       rows.append({"seq": s, "attention": name, "program": "hvp_time", "median_ms": ms})
       print(rows[-1], file=sys.stderr, flush=True)
   return rows

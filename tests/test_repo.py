@@ -25,11 +25,58 @@ def _readme_commands():
   return [ln.strip() for ln in blocks[0].splitlines() if ln.strip() and not ln.startswith("#")]
 
 
+# The public modules, each with the API-reference pages that list its names.
+API_MODULES = ("mixflow_optax", "mixflow_optax.transforms", "mixflow_optax.nn")
+
+
+def _api_reference():
+  """``{module: {name: [page, ...]}}`` of the autosummary lists of docs/api/*.md."""
+  listed = {m: {} for m in API_MODULES}
+  for page in sorted((ROOT / "docs" / "api").glob("*.md")):
+    module, in_list = None, False
+    for line in page.read_text().splitlines():
+      if m := re.match(r"\.\. currentmodule:: (\S+)", line.strip()):
+        module = m.group(1)
+      elif re.match(r"\.\. autosummary::", line.strip()):
+        in_list = True
+      elif in_list and re.fullmatch(r"   \w+", line):
+        listed.setdefault(module, {}).setdefault(line.strip(), []).append(page.name)
+      elif in_list and not line.strip().startswith(":") and line.strip():
+        in_list = False
+  return listed
+
+
+def _pages_of(listed, module):
+  """The pages that list names of ``module``, with their titles."""
+  pages = sorted({p for ps in listed.get(module, {}).values() for p in ps})
+  titles = {p: (ROOT / "docs" / "api" / p).read_text().splitlines()[0].lstrip("# ") for p in pages}
+  return ", ".join(f"{p} ({titles[p]})" for p in pages)
+
+
 def _python_blocks(path):
   return re.findall(r"```python\n(.*?)```", (ROOT / path).read_text(), flags=re.S)
 
 
 class RepoTest(helpers.TestCase):
+  def test_api_reference_lists_every_public_name_once(self):
+    import importlib
+    import inspect
+
+    listed = _api_reference()
+    for modname in API_MODULES:
+      module = importlib.import_module(modname)
+      public = {n for n in module.__all__ if not inspect.ismodule(getattr(module, n))}
+      for name in sorted(public - set(listed[modname])):
+        self.fail(
+          f"{modname}.{name} is in __all__ but not in the API reference: add it to the "
+          f"autosummary list (after '.. currentmodule:: {modname}') of the page of its group "
+          f"in docs/api/: {_pages_of(listed, modname)}."
+        )
+      for name, pages in sorted(listed[modname].items()):
+        self.assertIn(name, public, f"{modname}.{name} is in {pages} but not in __all__")
+        self.assertLen(pages, 1, f"{modname}.{name} is listed more than once: {pages}")
+    self.assertEqual(set(listed), set(API_MODULES), "docs/api/ documents an unknown module")
+
   def test_readme_starts_with_benchmark_and_test_commands(self):
     demo, tests = _readme_commands()[:2]
     self.assertIn("python -m benchmarks", demo)

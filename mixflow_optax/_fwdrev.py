@@ -315,7 +315,15 @@ def fwdrev_grad(
     \nabla_z L(\theta + \varepsilon \bar g, \eta, x)\Big|_{\varepsilon=0},
 
   and stores only the call's inputs. See :func:`fwdrev_value_and_grad` for
-  the details and the arguments.
+  the details.
+
+  Args:
+    fun: scalar loss ``fun(*args)`` (or ``(loss, aux)`` with ``has_aux``).
+    argnums: which positional argument(s) to take the gradient of.
+    has_aux: whether ``fun`` returns ``(loss, aux)``; the function then returns
+      ``(grads, aux)``, as :func:`jax.grad` does.
+    fallback: ``"raise"`` (default) or ``"reverse"``, what to do where the loss cannot be
+      differentiated in forward mode, as in :func:`fwdrev_value_and_grad`.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -53,6 +53,12 @@ def _pages_of(listed, module):
   return ", ".join(f"{p} ({titles[p]})" for p in pages)
 
 
+def _documented_args(doc):
+  """The argument names of the ``Args:`` section of a Google-style docstring."""
+  section = re.search(r"^Args:\n((?:(?: {2}.*)?\n)*)", doc + "\n", flags=re.M)
+  return set(re.findall(r"^ {2}\*{0,2}(\w+):", section.group(1), flags=re.M)) if section else set()
+
+
 def _python_blocks(path):
   return re.findall(r"```python\n(.*?)```", (ROOT / path).read_text(), flags=re.S)
 
@@ -76,6 +82,20 @@ class RepoTest(helpers.TestCase):
         self.assertIn(name, public, f"{modname}.{name} is in {pages} but not in __all__")
         self.assertLen(pages, 1, f"{modname}.{name} is listed more than once: {pages}")
     self.assertEqual(set(listed), set(API_MODULES), "docs/api/ documents an unknown module")
+
+  def test_public_functions_document_every_argument(self):
+    import importlib
+    import inspect
+
+    for modname in API_MODULES:
+      module = importlib.import_module(modname)
+      for name in module.__all__:
+        obj = getattr(module, name)
+        if inspect.ismodule(obj) or inspect.isclass(obj) or not callable(obj):
+          continue
+        args = set(inspect.signature(obj).parameters)
+        missing = sorted(args - _documented_args(inspect.getdoc(obj) or ""))
+        self.assertEqual(missing, [], f"{modname}.{name}: no Args: entry for {missing}")
 
   def test_readme_starts_with_benchmark_and_test_commands(self):
     demo, tests = _readme_commands()[:2]

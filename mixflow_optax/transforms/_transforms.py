@@ -67,6 +67,9 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
   by :math:`\hat m = 0`, and :math:`\hat v` itself has zero tangent there
   (it is a sum of squares). Treating the tangent of :math:`\sqrt{x}` at
   :math:`x = 0` as 0 gives that exact limit; forward values are unchanged.
+
+  Args:
+    x: a non-negative array.
   """
   return jnp.sqrt(x)
 
@@ -368,6 +371,13 @@ def scale_by_stddev(
     m_t = \rho m_{t-1} + (1-\rho) g_t, \quad
     v_t = \rho v_{t-1} + (1-\rho) g_t^2, \quad
     u_t = \frac{g_t}{\sqrt{v_t - m_t^2 + \epsilon}}.
+
+  Args:
+    decay: :math:`\rho`, the decay of both moments. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, the stabilising constant. Differentiable hyperparameter.
+    initial_scale: initial value of :math:`v` (used by ``init`` only).
+    eps_in_sqrt: whether ``eps`` goes inside the square root (optax default).
+    bias_correction: whether to debias the moments as in Adam.
   """
   owner = _owner("scale_by_stddev")
   defaults = {"decay": decay, "eps": eps}

@@ -1,6 +1,6 @@
 """Sphinx configuration of the mixflow_optax documentation.
 
-Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html`` (warnings are errors).
+Build: ``sphinx-build -n -W --keep-going -b html docs docs/_build/html`` (warnings are errors).
 
 Two kinds of pages are generated here at build time, so that new content is picked up without
 editing the site:
@@ -60,9 +60,19 @@ intersphinx_mapping = {
   "optax": ("https://optax.readthedocs.io/en/latest/", "_inventories/optax.inv"),
   "flax": ("https://flax.readthedocs.io/en/latest/", "_inventories/flax.inv"),
   "flax_linen": ("https://flax-linen.readthedocs.io/en/latest/", "_inventories/flax_linen.inv"),
+  "python": ("https://docs.python.org/3/", "_inventories/python.inv"),
 }
 # Keep annotations as written (``jax.typing.ArrayLike``), not expanded into the Union they alias.
-autodoc_type_aliases = {"jax.typing.ArrayLike": "jax.typing.ArrayLike"}
+autodoc_type_aliases = {
+  "jax.typing.ArrayLike": "jax.typing.ArrayLike",
+  "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
+}
+# Names in type hints with no page to link to: the library's private type aliases, and an optax
+# alias that optax does not document on a page of its own.
+nitpick_ignore = [
+  ("py:class", name)
+  for name in ("Fallback", "Hyperparams", "MaskOrFn", "MetaMode", "optax.ScalarOrSchedule")
+]
 
 html_theme = "furo"
 html_title = "mixflow_optax"
@@ -105,9 +115,33 @@ def _module_attribute_doc(app, what, name, obj, options, lines) -> None:
       return
 
 
+def _union_of_aliases_as_text() -> None:
+  """``jax.typing.ArrayLike | None`` in type hints, not ``TypeAliasForwardRef(...) | None``.
+
+  Sphinx (9.0) names a type alias of ``autodoc_type_aliases`` only where it is the whole
+  annotation; in a union it prints the placeholder's repr. Writing the union as text instead
+  lets the Python domain link each member.
+  """
+  from sphinx.util import inspect as sphinx_inspect
+  from sphinx.util.typing import stringify_annotation
+
+  ref = getattr(sphinx_inspect, "TypeAliasForwardRef", None)
+  if ref is None:
+    return
+
+  def text(t) -> str:
+    if isinstance(t, ref):
+      return t.name
+    return "None" if t is None or t is type(None) else stringify_annotation(t, "fully-qualified")
+
+  ref.__or__ = lambda self, other: ref(f"{text(self)} | {text(other)}")
+  ref.__ror__ = lambda self, other: ref(f"{text(other)} | {text(self)}")
+
+
 def setup(app) -> dict:
   app.connect("autodoc-process-docstring", _module_attribute_doc)
   return {"parallel_read_safe": True}
 
 
 _copy_tutorials()
+_union_of_aliases_as_text()

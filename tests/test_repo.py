@@ -117,7 +117,7 @@ class RepoTest(helpers.TestCase):
     ci = (ROOT / ".ci" / "run").read_text()
     self.assertIn("ruff format --check .", ci)
     self.assertIn("ruff check .", ci)
-    self.assertRegex(ci, r"sphinx-build -W --keep-going .*docs docs/_build/html")
+    self.assertRegex(ci, r"sphinx-build -n -W --keep-going .*docs docs/_build/html")
 
   def test_runtime_dependencies_are_what_the_library_imports(self):
     text = (ROOT / "pyproject.toml").read_text()

@@ -90,6 +90,16 @@ OPTAX_DOCUMENTED_AS = {
   "optax.tree.zeros_like": "optax.tree_utils.tree_zeros_like",
 }
 
+#: Names autodoc writes from the type hints of optax's own classes (inherited
+#: fields), which the sources do not spell out.
+OPTAX_TYPE_HINTS = ("optax.TransformInitFn", "optax.TransformUpdateExtraArgsFn")
+
+#: Standard-library types of the library's type hints (the ``python`` inventory).
+PYTHON_PAGES = {
+  f"collections.abc.{name}": "library/collections.abc.html#$"
+  for name in ("Callable", "Iterable", "Mapping", "Sequence")
+}
+
 #: Names the projects do not document on a page of their own.
 NO_PAGE = {
   "jax.experimental.shard_alike",
@@ -194,8 +204,9 @@ def entries(names: Iterable[str]) -> dict[str, list[tuple[str, str, str]]]:
     "optax": [],
     "flax": [],
     "flax_linen": [],
+    "python": [(name, "py:class", uri) for name, uri in PYTHON_PAGES.items()],
   }
-  for name in sorted(names):
+  for name in sorted({*names, *OPTAX_TYPE_HINTS}):
     obj = resolve(name)
     private = any(part.startswith("_") for part in name.split("."))
     if obj is None or private or name in NO_PAGE:
@@ -233,8 +244,9 @@ def main() -> int:
   sys.path.insert(0, str(ROOT))
   by_inventory = entries(referenced_names())
   for inventory, lines in by_inventory.items():
-    package = importlib.import_module(inventory.split("_")[0])
-    write(HERE / f"{inventory}.inv", inventory, package.__version__, lines)
+    package = sys if inventory == "python" else importlib.import_module(inventory.split("_")[0])
+    version = getattr(package, "__version__", f"{sys.version_info[0]}.{sys.version_info[1]}")
+    write(HERE / f"{inventory}.inv", inventory, version, lines)
     print(f"{inventory}.inv: {len(lines)} entries")
   return 0
 

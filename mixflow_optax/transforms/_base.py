@@ -84,7 +84,7 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
 
   @property
   def hyperparams(self) -> dict[str, Any]:
-    """Hyperparameter name -> default value (a fresh dict: editing it changes nothing)."""
+    """Each hyperparameter's default, by name, in a fresh dict (editing it changes nothing)."""
     return dict(self.__dict__.get("_hyperparams", {}))
 
   @classmethod

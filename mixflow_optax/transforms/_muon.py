@@ -209,7 +209,7 @@ def muon(
           + \lambda\,\theta_t\big)
 
   for 2-D parameters (or those given by ``muon_weight_dimension_numbers``),
-  with the width scale :math:`s` of :func:`optax.contrib.scale_by_shape`;
+  with the width scale :math:`s` of ``optax.contrib.scale_by_shape``;
   :func:`adamw` for the rest. The state tree is optax's (an
   ``optax.transforms.PartitionState``).
 

@@ -375,7 +375,7 @@ def meta_optimizer(
       transform when ``hyperparams_fn`` is None).
     outer_opt: any optax transform, applied to the meta-parameters.
     hyperparams_fn: ``meta_params -> dict`` of inner hyperparameters, as in
-      :func:`mixflow_optax.unroll`; use ``jnp.exp`` / ``jax.nn.sigmoid`` for
+      :func:`mixflow_optax.unroll`; use ``jnp.exp`` / :func:`jax.nn.sigmoid` for
       positivity or a range.
     mode: ``"mixflow"`` (default), ``"standard"`` or ``"first_order"`` (the
       first-order MAML **approximation**: second-order terms are dropped).
@@ -415,8 +415,8 @@ def meta_optimizer(
       ``checkify.JaxRuntimeError`` naming the inner step and the term that
       first went non-finite (inner loss, gradient, update, model state, or a
       cotangent in the backward pass; the outer loss; a meta-gradient leaf).
-      ``step`` then compiles itself: call it without ``jax.jit`` (under
-      ``jax.jit`` it must be wrapped in ``checkify.checkify``, whose error
+      ``step`` then compiles itself: call it without :func:`jax.jit` (under
+      :func:`jax.jit` it must be wrapped in ``checkify.checkify``, whose error
       you ``.throw()``). Off by default: the checks cost time. Not available
       with ``mode="forward"``.
     carry_tangents: with ``mode="forward"`` and online meta-learning: keep

@@ -274,7 +274,7 @@ def leaf_results(fn: Callable[..., Any], updates: Any, *cols: Any) -> list[Any]:
 
 
 def map_leaves(fn: Callable[..., Any], updates: Any, *cols: Any) -> Any:
-  """``jax.tree.map`` over ``updates`` and per-leaf columns: the result has the tree of ``updates``.
+  """:func:`jax.tree.map` over ``updates`` and per-leaf columns, into the tree of ``updates``.
 
   Args:
     fn: ``fn(leaf, *column_leaves) -> new leaf``.
@@ -354,7 +354,7 @@ def _chain_from(
 def chain(*transforms: optax.GradientTransformation) -> ReparamTransformation:
   """Chains mixflow_optax and stock optax transforms, like :func:`optax.chain`.
 
-  The state is a tuple of the members' states, exactly as in ``optax.chain``.
+  The state is a tuple of the members' states, exactly as in :func:`optax.chain`.
   Hyperparameters are exposed under the members' own names in one flat dict
   (e.g. ``chain(optax.clip_by_global_norm(1.0), adam(1e-3)).hyperparams`` has
   ``learning_rate``, ``b1``, ...). Stock optax members have none and are

@@ -144,8 +144,8 @@ def scale_by_learning_rate(
     flip_sign: whether to negate (descent), as in optax.
 
   Returns:
-    A :class:`ReparamTransformation`. Its state is ``optax.EmptyState`` for a
-    fixed rate and ``optax.ScaleByScheduleState`` for a schedule, as in optax.
+    A :class:`ReparamTransformation`. Its state is :class:`optax.EmptyState` for a
+    fixed rate and :class:`optax.ScaleByScheduleState` for a schedule, as in optax.
   """
   owner = _owner("scale_by_learning_rate")
   defaults = {"learning_rate": learning_rate}
@@ -478,7 +478,7 @@ def clip_by_global_norm(max_norm: jax.typing.ArrayLike) -> ReparamTransformation
   Differentiated exactly: when clipping is active, the derivative includes
   the dependence of :math:`\|g_t\|` on :math:`g_t` (the clip coefficient is
   not treated as a constant). Unlike plain autodiff of
-  ``optax.clip_by_global_norm``, its derivative is finite when every gradient
+  :func:`optax.clip_by_global_norm`, its derivative is finite when every gradient
   entry is exactly zero.
 
   Args:

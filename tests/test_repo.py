@@ -97,6 +97,26 @@ class RepoTest(helpers.TestCase):
         missing = sorted(args - _documented_args(inspect.getdoc(obj) or ""))
         self.assertEqual(missing, [], f"{modname}.{name}: no Args: entry for {missing}")
 
+  def test_docs_inventories_cover_the_referenced_names(self):
+    import importlib.util
+    import zlib
+
+    path = ROOT / "docs" / "_inventories" / "make_inventories.py"
+    spec = importlib.util.spec_from_file_location("make_inventories", path)
+    make_inventories = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_inventories)
+    committed = set()
+    for inv in path.parent.glob("*.inv"):
+      body = zlib.decompress(inv.read_bytes().split(b"\n", 4)[4]).decode()
+      committed |= {tuple(line.split(" ")[:2]) for line in body.splitlines()}
+    referenced = make_inventories.referenced_names()
+    for inventory, lines in make_inventories.entries(referenced).items():
+      public = {(name, role) for name, role, _ in lines if name in referenced}
+      missing = sorted(public - committed)
+      self.assertEqual(
+        missing, [], f"run python docs/_inventories/make_inventories.py and commit {inventory}.inv"
+      )
+
   def test_readme_starts_with_benchmark_and_test_commands(self):
     demo, tests = _readme_commands()[:2]
     self.assertIn("python -m benchmarks", demo)

@@ -76,7 +76,8 @@ class RepoTest(helpers.TestCase):
         self.fail(
           f"{modname}.{name} is in __all__ but not in the API reference: add it to the "
           f"autosummary list (after '.. currentmodule:: {modname}') of the page of its group "
-          f"in docs/api/: {_pages_of(listed, modname)}."
+          f"in docs/api/: {_pages_of(listed, modname)} (or a new page, added to the toctree of "
+          "docs/api/index.md)."
         )
       for name, pages in sorted(listed[modname].items()):
         self.assertIn(name, public, f"{modname}.{name} is in {pages} but not in __all__")

@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,8 @@ from benchmarks._report import (
 from benchmarks._suite import (
   EXPERIMENTS,
   SUITES,
+  Suite,
+  SuiteResult,
   grid_suite,
   make_suite,
   run_suite,
@@ -215,11 +218,57 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``python -m benchmarks``; returns the exit status."""
   parser = _parser()
   args = parser.parse_args(argv)
+  _check_args(parser, args)
+  suite = _selected_suite(parser, args)
+  t0 = time.perf_counter()
+  meta = _run_metadata(args, argv, suite)
+
+  def save(phase, records, frontier):
+    # Partial results survive an interrupted or failed run.
+    save_results(records, args.out, frontier, {**meta, "phase": phase})
+
+  with jax.enable_x64(args.x64):
+    result = run_suite(
+      suite,
+      reps=args.reps,
+      seed=args.seed,
+      dtype=jnp.float64 if args.x64 else jnp.float32,
+      fast_compile=args.fast_compile,
+      jobs=args.jobs,
+      progress=not args.no_progress,
+      on_phase=save,
+    )
+  meta["seconds"] = round(time.perf_counter() - t0, 1)
+  meta["phase_seconds"] = {k: round(v, 1) for k, v in result.phase_seconds.items()}
+  meta["phase"] = "done"
+  meta["targets"] = check_targets(result.records, result.frontier)
+  save_results(result.records, args.out, result.frontier, meta)
+  text = _summary_text(result, meta, suite.name)
+  plots = _write_reports(result, meta, text, args.out)
+  print(text)
+  print(
+    f"results in {os.path.join(args.out, 'results.json')}; table.txt, summary.md, "
+    f"frontier.json, run.json and {len(plots)} plots in {args.out}"
+  )
+  return 0
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   if args.reps < 1 and not args.compile_only:
     parser.error("--reps must be >= 1")
+
+
+def _size_overrides(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+  """``--size`` as family -> field -> value."""
   sizes: dict[str, dict[str, int]] = {}
   for family, field, value in args.size:
     sizes.setdefault(family, {})[field] = value
+  return sizes
+
+
+def _selected_suite(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Suite:
+  """The suite the arguments ask for: a preset or the grid, restricted by the filters."""
+  sizes = _size_overrides(args)
   if args.suite == "grid":
     suite = grid_suite(
       args.tasks or ("loss_weighting",),
@@ -247,9 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(
       "no configuration of the suite is left after --tasks/--models/--T/--methods/--optimizers"
     )
+  return suite
 
-  t0 = time.perf_counter()
-  meta = {
+
+def _run_metadata(
+  args: argparse.Namespace, argv: Sequence[str] | None, suite: Suite
+) -> dict[str, object]:
+  """What the run was: command, suite, software, machine, dtype."""
+  return {
     "command": " ".join(["python -m benchmarks", *(sys.argv[1:] if argv is None else argv)]),
     "suite": suite.name,
     "jax": jax.__version__,
@@ -262,48 +316,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     "reps": args.reps,
   }
 
-  def save(phase, records, frontier):
-    # Partial results survive an interrupted or failed run.
-    save_results(records, args.out, frontier, {**meta, "phase": phase})
 
-  with jax.enable_x64(args.x64):
-    result = run_suite(
-      suite,
-      reps=args.reps,
-      seed=args.seed,
-      dtype=jnp.float64 if args.x64 else jnp.float32,
-      fast_compile=args.fast_compile,
-      jobs=args.jobs,
-      progress=not args.no_progress,
-      on_phase=save,
-    )
-  meta["seconds"] = round(time.perf_counter() - t0, 1)
-  meta["phase_seconds"] = {k: round(v, 1) for k, v in result.phase_seconds.items()}
-  meta["phase"] = "done"
-  targets = check_targets(result.records, result.frontier)
-  meta["targets"] = targets
-  save_results(result.records, args.out, result.frontier, meta)
+def _summary_text(result: SuiteResult, meta: dict[str, Any], suite_name: str) -> str:
+  """The printed tables: experiments, frontier, targets, and a line about the run."""
   text = _experiment_tables(result.records, EXPERIMENTS)
   if result.frontier:
     text += "\n\n== frontier ==\n" + format_frontier(result.frontier)
-  text += "\n\n== targets (mixflow = library defaults) ==\n" + format_targets(targets)
+  text += "\n\n== targets (mixflow = library defaults) ==\n" + format_targets(meta["targets"])
   text += (
     f"\n\n{meta['backend']} ({meta['device']}, {meta['cpu_count']} cores), JAX {meta['jax']}, "
-    f"{meta['dtype']}; suite {suite.name}; total {meta['seconds']:.0f} s ("
+    f"{meta['dtype']}; suite {suite_name}; total {meta['seconds']:.0f} s ("
     + ", ".join(f"{k} {v:.0f} s" for k, v in meta["phase_seconds"].items())
     + ")"
   )
-  with open(os.path.join(args.out, "table.txt"), "w") as f:
+  return text
+
+
+def _write_reports(result: SuiteResult, meta: dict[str, Any], text: str, out: str) -> list[str]:
+  """Writes table.txt, summary.md and the plots to ``out``; returns the plots' paths."""
+  with open(os.path.join(out, "table.txt"), "w") as f:
     f.write(text + "\n")
-  with open(os.path.join(args.out, "summary.md"), "w") as f:
-    f.write(format_markdown(result.records, result.frontier, targets))
-  plots = plot_results(result.records, args.out, result.frontier)
-  print(text)
-  print(
-    f"results in {os.path.join(args.out, 'results.json')}; table.txt, summary.md, "
-    f"frontier.json, run.json and {len(plots)} plots in {args.out}"
-  )
-  return 0
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(format_markdown(result.records, result.frontier, meta["targets"]))
+  return plot_results(result.records, out, result.frontier)
 
 
 if __name__ == "__main__":

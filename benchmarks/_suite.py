@@ -39,6 +39,31 @@ every measurement it can. Compile-only programs are compiled with
 the same to within 0.1%); several compile in parallel threads (``jobs``); timing runs only
 after all compilation is done, one program at a time.
 
+Adding an experiment
+--------------------
+
+One registration: a function of a preset's sizes that returns the
+experiment's points, decorated with ``@_experiment("name")``, placed after the
+existing ones, before the definition of :data:`EXPERIMENTS` (the order of
+registration is the order of the printed tables)::
+
+  @_experiment("depth")
+  def _depth(pre: _Preset) -> list[Point]:
+    # Deeper MLPs, timed.
+    return [Point("loss_weighting", pre.mlp, 4, (("depth", d),)) for d in (2, 4, 8)]
+
+The function leaves :attr:`Point.experiments` empty (:func:`make_suite` tags
+each point with the experiment's name). The name is then in
+:data:`EXPERIMENTS`, so in every preset (default, full, tiny), in
+``python -m benchmarks --experiments``, in :func:`select` and in the printed
+tables; a configuration shared with another experiment is measured once.
+A point may use the preset's models and sizes (``pre.mlp``, ``pre.lm_timed``
+for timed LM points, ``pre.lm_mem`` for compile-only ones), any field of
+:class:`~benchmarks.MLPConfig` / :class:`~benchmarks.LMConfig` as a size and
+any of :data:`~benchmarks.OPTIMIZERS`; sizes that must differ between the
+presets are a new field of ``_Preset`` (a value in each of ``_PRESETS``). A
+plot or target of its own goes in ``_report.py``.
+
 References:
   Kemaev et al., `Scalable Meta-Learning via Mixed-Mode Differentiation
   <https://arxiv.org/abs/2505.00793>`_, ICML 2025 (Section 5 and Table 2).
@@ -91,20 +116,6 @@ __all__ = [
   "run_suite",
   "SuiteResult",
 ]
-
-#: Experiment names, in the order of the printed tables.
-EXPERIMENTS: tuple[str, ...] = (
-  "tasks",
-  "variants",
-  "ladder",
-  "T",
-  "M",
-  "batch",
-  "seq",
-  "vocab",
-  "optimizers",
-  "frontier",
-)
 
 #: The inner optimizers of the ``optimizers`` experiment. Learning-rate
 #: learning and MAML only: Lion's sign step has zero derivative with respect to
@@ -342,6 +353,129 @@ _PRESETS = {
 }
 
 
+# --------------------------------------------------------------- the experiments
+
+_LW, _LM = "loss_weighting", "lm-s"
+
+#: The registered experiments, in registration order: name -> the function
+#: that builds its points from a preset's sizes (see "Adding an experiment").
+_BUILDERS: dict[str, Callable[[_Preset], Iterable[Point]]] = {}
+
+
+def _experiment(name: str) -> Callable:
+  """Registers the decorated ``build(preset) -> points`` as the experiment ``name``."""
+
+  def register(build: Callable[[_Preset], Iterable[Point]]) -> Callable:
+    if name in _BUILDERS or name in ("frontier", "grid"):
+      raise ValueError(f"experiment {name!r} is already defined; give it another name.")
+    _BUILDERS[name] = build
+    return build
+
+  return register
+
+
+@_experiment("tasks")
+def _tasks(pre: _Preset) -> list[Point]:
+  """Every task timed on the MLP; on ``lm-s`` loss weighting timed, every task's memory."""
+  points = []
+  for task in TASKS:
+    points.append(Point(task, pre.mlp, 4))
+    if task == _LW or pre.lm_tasks_timed:
+      points.append(Point(task, _LM, 4, pre.lm_timed))
+    if not pre.lm_tasks_timed:
+      points.append(Point(task, _LM, 4, pre.lm_mem, timed=False))
+  return points
+
+
+@_experiment("variants")
+def _variants(pre: _Preset) -> list[Point]:
+  """The non-default settings of the standard baseline and of MixFlow, and first-order MAML."""
+  variants = [m for m in METHODS if m not in CORE_METHODS and m not in ("first_order", "hvp")]
+  return [
+    Point(_LW, pre.mlp, 4, methods=CORE_METHODS + tuple(variants)),
+    # First-order MAML: what the exact meta-gradient is usually traded for.
+    Point("maml", pre.mlp, 4, methods=(*CORE_METHODS, "first_order")),
+  ]
+
+
+@_experiment("ladder")
+def _ladder(pre: _Preset) -> list[Point]:
+  """The transformer ladder: timed at short sequences, memory at long ones."""
+  mem = {"sizes": pre.lm_mem, "methods": LM_METHODS, "timed": False}
+  return [
+    *(Point(_LW, model, 4, pre.lm_timed, LM_METHODS) for model in pre.ladder_timed),
+    *(Point(_LW, model, 4, **mem) for model in pre.ladder_mem),
+    *(Point(_LW, f"{model}-naive", 4, **mem) for model in pre.ladder_naive),
+  ]
+
+
+@_experiment("T")
+def _inner_steps(pre: _Preset) -> list[Point]:
+  """T in {1, 2, 4, 8} on the MLP, and the LM's memory over ``lm_Ts``."""
+  points = [Point(_LW, pre.mlp, T, timed=T in pre.mlp_Ts) for T in (1, 2, 4, 8)]
+  points += [Point(_LW, _LM, T, pre.lm_mem, timed=False) for T in pre.lm_Ts]
+  # The timed LM at T = 8 too (memory only): the T = 8 target on its sizes.
+  points += [Point(_LW, _LM, 4, pre.lm_timed), Point(_LW, _LM, 8, pre.lm_timed, timed=False)]
+  return points
+
+
+@_experiment("M")
+def _work_size(pre: _Preset) -> list[Point]:
+  """The paper's toy with per-step work size M."""
+  return [Point(_LW, f"mlp-M{m}", 4) for m in pre.ms_timed] + [
+    Point(_LW, f"mlp-M{m}", 4, timed=False) for m in pre.ms_compiled
+  ]
+
+
+@_experiment("batch")
+def _batch(pre: _Preset) -> list[Point]:
+  """The LM's memory over batch sizes."""
+  base = dict(pre.lm_mem)
+  return [Point(_LW, _LM, 4, tuple({**base, "batch": b}.items()), timed=False) for b in pre.batches]
+
+
+@_experiment("seq")
+def _sequence_length(pre: _Preset) -> list[Point]:
+  """The LM's (and the naive LM's) sequence-length sweep, timed at the timed LM sizes."""
+  base = dict(pre.lm_mem)
+  timed_seqs = {tuple(sorted(pre.lm_timed)), tuple(sorted(pre.lm_timed_long))}
+  points = []
+  for model, seqs in ((_LM, pre.seqs), (f"{_LM}-naive", pre.naive_seqs)):
+    for s in seqs:
+      sizes = tuple(sorted({**base, "seq_len": s}.items()))
+      timed = model == _LM and sizes in timed_seqs
+      points.append(Point(_LW, model, 4, sizes, LM_METHODS, timed=timed))
+  return points
+
+
+@_experiment("vocab")
+def _vocabulary(pre: _Preset) -> list[Point]:
+  """A realistic vocabulary: the B*S*V logits, whole or over chunks of tokens."""
+  base = dict(pre.lm_mem)
+  return [
+    Point(
+      _LW, _LM, 4, tuple({**base, "vocab": v, "loss_chunk": c}.items()), LM_METHODS, timed=False
+    )
+    for v, c in pre.vocabs
+  ]
+
+
+@_experiment("optimizers")
+def _inner_optimizers(pre: _Preset) -> list[Point]:
+  """Other inner optimizers (the Adam points are shared with the tasks experiment)."""
+  points = []
+  for opt in EXPERIMENT_OPTIMIZERS:
+    for task in ("learning_rate", "maml"):
+      points.append(Point(task, pre.mlp, 4, optimizer=opt))
+      points.append(Point(task, _LM, 4, pre.lm_mem, timed=False, optimizer=opt))
+  return points
+
+
+#: Experiment names, in the order of the printed tables: the registered ones,
+#: then the frontier search.
+EXPERIMENTS: tuple[str, ...] = (*_BUILDERS, "frontier")
+
+
 def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
   """A preset suite.
 
@@ -362,66 +496,25 @@ def make_suite(name: str = "default", *, budget_gib: float = 16.0) -> Suite:
     >>> sum(p.timed for p in configs), len(configs), suite.frontier.budget_gib
     (12, 39, 16.0)
   """
+  _check_suite_name(name)
+  pre = _PRESETS[name]
+  points = tuple(
+    dataclasses.replace(p, experiments=(experiment,))
+    for experiment, build in _BUILDERS.items()
+    for p in build(pre)
+  )
+  return Suite(name, points, _preset_frontier(pre, budget_gib), small=name == "tiny")
+
+
+def _check_suite_name(name: str) -> None:
   if name not in SUITES:
     raise ValueError(f"unknown suite {name!r}; choose from {list(SUITES)}.")
-  pre = _PRESETS[name]
-  lw, lm, mlp = "loss_weighting", "lm-s", pre.mlp
 
-  def pt(task, model, T, sizes=(), experiments=(), methods=CORE_METHODS, timed=True, opt="adam"):
-    return Point(task, model, T, tuple(sizes), tuple(methods), timed, tuple(experiments), opt)
 
-  points = []
-  lmm = LM_METHODS
-  for task in TASKS:
-    points.append(pt(task, mlp, 4, experiments=["tasks"]))
-    if task == lw or pre.lm_tasks_timed:
-      points.append(pt(task, lm, 4, pre.lm_timed, ["tasks"]))
-    if not pre.lm_tasks_timed:
-      points.append(pt(task, lm, 4, pre.lm_mem, ["tasks"], timed=False))
-  variants = [m for m in METHODS if m not in CORE_METHODS and m not in ("first_order", "hvp")]
-  points.append(pt(lw, mlp, 4, methods=CORE_METHODS + tuple(variants), experiments=["variants"]))
-  # First-order MAML: what the exact meta-gradient is usually traded for.
-  points.append(
-    pt("maml", mlp, 4, methods=(*CORE_METHODS, "first_order"), experiments=["variants"])
-  )
-  for model in pre.ladder_timed:
-    points.append(pt(lw, model, 4, pre.lm_timed, ["ladder"], lmm))
-  for model in pre.ladder_mem:
-    points.append(pt(lw, model, 4, pre.lm_mem, ["ladder"], lmm, timed=False))
-  for model in pre.ladder_naive:
-    points.append(pt(lw, f"{model}-naive", 4, pre.lm_mem, ["ladder"], lmm, timed=False))
-  for T in (1, 2, 4, 8):
-    points.append(pt(lw, mlp, T, experiments=["T"], timed=T in pre.mlp_Ts))
-  for T in pre.lm_Ts:
-    points.append(pt(lw, lm, T, pre.lm_mem, ["T"], timed=False))
-  # The timed LM at T = 8 too (memory only): the T = 8 target on its sizes.
-  points.append(pt(lw, lm, 4, pre.lm_timed, ["T"]))
-  points.append(pt(lw, lm, 8, pre.lm_timed, ["T"], timed=False))
-  for m in pre.ms_timed:
-    points.append(pt(lw, f"mlp-M{m}", 4, experiments=["M"]))
-  for m in pre.ms_compiled:
-    points.append(pt(lw, f"mlp-M{m}", 4, experiments=["M"], timed=False))
-  base = dict(pre.lm_mem)
-  for b in pre.batches:
-    points.append(pt(lw, lm, 4, {**base, "batch": b}.items(), ["batch"], timed=False))
-  timed_seqs = {tuple(sorted(pre.lm_timed)), tuple(sorted(pre.lm_timed_long))}
-  for model, seqs in ((lm, pre.seqs), (f"{lm}-naive", pre.naive_seqs)):
-    for s in seqs:
-      sizes = tuple(sorted({**base, "seq_len": s}.items()))
-      timed = model == lm and sizes in timed_seqs
-      points.append(pt(lw, model, 4, sizes, ["seq"], lmm, timed=timed))
-  # A realistic vocabulary: the B*S*V logits, whole or over chunks of tokens.
-  for vocab, chunk in pre.vocabs:
-    sizes = {**base, "vocab": vocab, "loss_chunk": chunk}.items()
-    points.append(pt(lw, lm, 4, sizes, ["vocab"], lmm, timed=False))
-  # Other inner optimizers (the Adam points are shared with the tasks experiment).
-  for opt in EXPERIMENT_OPTIMIZERS:
-    for task in ("learning_rate", "maml"):
-      points.append(pt(task, mlp, 4, (), ["optimizers"], opt=opt))
-      points.append(pt(task, lm, 4, pre.lm_mem, ["optimizers"], timed=False, opt=opt))
+def _preset_frontier(pre: _Preset, budget_gib: float) -> Frontier:
+  """The frontier search of a preset: from ``lm-s`` at its memory sizes."""
   grids = {"seqs": tuple(2**i for i in range(7, 18)), **pre.frontier_grids}
-  frontier = Frontier(budget_gib=budget_gib, model=lm, T=4, sizes=pre.lm_mem, **grids)
-  return Suite(name, tuple(points), frontier, small=name == "tiny")
+  return Frontier(budget_gib=budget_gib, model=_LM, T=4, sizes=pre.lm_mem, **grids)
 
 
 def grid_suite(
@@ -442,21 +535,19 @@ def grid_suite(
   return Suite("grid", tuple(points), None, small)
 
 
-def _matches(model: str, names: Sequence[str]) -> bool:
-  return any(model == n or model.split("-")[0] == n for n in names)
+# ----------------------------------------------------------------- selection
 
 
-def _with_optimizers(points: Iterable[Point], optimizers: Sequence[str] | None) -> list[Point]:
-  """Adam points with each of ``optimizers``; other points only if their optimizer is listed."""
-  if optimizers is None:
-    return list(points)
-  out = []
-  for p in points:
-    if p.optimizer == "adam":
-      out += [dataclasses.replace(p, optimizer=o) for o in optimizers]
-    elif p.optimizer in optimizers:
-      out.append(p)
-  return out
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+  """The filters of :func:`select` (``None``: no filter)."""
+
+  tasks: Sequence[str] | None = None
+  models: Sequence[str] | None = None
+  Ts: Sequence[int] | None = None
+  methods: Sequence[str] | None = None
+  experiments: Sequence[str] | None = None
+  optimizers: Sequence[str] | None = None
 
 
 def select(
@@ -486,59 +577,110 @@ def select(
   """
   if methods is not None:
     methods = check_methods(methods)
-  if optimizers is not None:
-    for o in optimizers:
-      check_optimizer(o)
+  _check_optimizers(optimizers)
+  sel = _Selection(tasks, models, Ts, methods, experiments, optimizers)
+  sizes = sizes or {}
   points = []
   for p in _with_optimizers(suite.points, optimizers):
-    exps = p.experiments
-    if experiments is not None and "grid" not in exps:
-      exps = tuple(e for e in exps if e in experiments)
-      if not exps:
-        continue
-    if tasks is not None and p.task not in tasks:
-      continue
-    if models is not None and not _matches(p.model, models):
-      continue
-    if Ts is not None and p.T not in Ts:
-      continue
-    ms = (
-      p.methods
-      if methods is None
-      else tuple(m for m in methods if m in p.methods or m == "standard")
-    )
-    ms = tuple(check_methods(ms))
-    if methods is not None and len(ms) == 1:
-      continue  # Only the reference left: nothing this point was asked to compare.
-    family = "lm" if p.model.startswith("lm") else "mlp"
-    new_sizes = dict(p.sizes)
-    new_sizes.update((sizes or {}).get(family, {}))
-    points.append(
-      dataclasses.replace(
-        p,
-        methods=ms,
-        experiments=exps,
-        timed=p.timed and not compile_only,
-        sizes=tuple(sorted(new_sizes.items())),
-      )
-    )
-  frontier = suite.frontier
-  if frontier is not None:
-    keep = experiments is None or "frontier" in experiments
-    keep = keep and (tasks is None or frontier.task in tasks)
-    keep = keep and (models is None or _matches(frontier.model, models))
-    keep = keep and (optimizers is None or "adam" in optimizers)
-    if not keep:
-      frontier = None
-    elif methods is not None:
-      frontier = dataclasses.replace(
-        frontier, methods=tuple(m for m in frontier.methods if m in methods)
-      )
-    if frontier is not None and sizes and "lm" in sizes:
-      frontier = dataclasses.replace(
-        frontier, sizes=tuple(sorted({**dict(frontier.sizes), **sizes["lm"]}.items()))
-      )
+    p = _selected_point(p, sel)
+    if p is not None:
+      points.append(_with_sizes(p, sizes, compile_only))
+  frontier = _selected_frontier(suite.frontier, sel, sizes)
   return dataclasses.replace(suite, points=tuple(points), frontier=frontier)
+
+
+def _check_optimizers(optimizers: Sequence[str] | None) -> None:
+  for o in optimizers or ():
+    check_optimizer(o)
+
+
+def _matches(model: str, names: Sequence[str]) -> bool:
+  return any(model == n or model.split("-")[0] == n for n in names)
+
+
+def _with_optimizers(points: Iterable[Point], optimizers: Sequence[str] | None) -> list[Point]:
+  """Adam points with each of ``optimizers``; other points only if their optimizer is listed."""
+  if optimizers is None:
+    return list(points)
+  out = []
+  for p in points:
+    if p.optimizer == "adam":
+      out += [dataclasses.replace(p, optimizer=o) for o in optimizers]
+    elif p.optimizer in optimizers:
+      out.append(p)
+  return out
+
+
+def _selected_point(p: Point, sel: _Selection) -> Point | None:
+  """``p`` with the selected experiments and methods, or ``None`` if the filters drop it."""
+  experiments = _selected_experiments(p, sel.experiments)
+  if experiments is None or not _passes_filters(p, sel):
+    return None
+  methods = _selected_methods(p, sel.methods)
+  if methods is None:
+    return None
+  return dataclasses.replace(p, methods=methods, experiments=experiments)
+
+
+def _selected_experiments(p: Point, experiments: Sequence[str] | None) -> tuple[str, ...] | None:
+  """The point's experiments among ``experiments`` (a grid point keeps its own); ``None``: none."""
+  if experiments is None or "grid" in p.experiments:
+    return p.experiments
+  return tuple(e for e in p.experiments if e in experiments) or None
+
+
+def _passes_filters(p: Point, sel: _Selection) -> bool:
+  """Whether the point's task, model and T pass the filters."""
+  return (
+    (sel.tasks is None or p.task in sel.tasks)
+    and (sel.models is None or _matches(p.model, sel.models))
+    and (sel.Ts is None or p.T in sel.Ts)
+  )
+
+
+def _selected_methods(p: Point, methods: Sequence[str] | None) -> tuple[str, ...] | None:
+  """The point's methods among ``methods``, the reference first; ``None`` if only it is left."""
+  if methods is None:
+    return tuple(check_methods(p.methods))
+  kept = tuple(check_methods([m for m in methods if m in p.methods or m == "standard"]))
+  # Only the reference left: nothing this point was asked to compare.
+  return None if len(kept) == 1 else kept
+
+
+def _with_sizes(p: Point, sizes: dict[str, dict[str, int]], compile_only: bool) -> Point:
+  """``p`` with its family's size overrides, and compile-only if asked."""
+  family = "lm" if p.model.startswith("lm") else "mlp"
+  new_sizes = {**dict(p.sizes), **sizes.get(family, {})}
+  return dataclasses.replace(
+    p, timed=p.timed and not compile_only, sizes=tuple(sorted(new_sizes.items()))
+  )
+
+
+def _selected_frontier(
+  frontier: Frontier | None, sel: _Selection, sizes: dict[str, dict[str, int]]
+) -> Frontier | None:
+  """The frontier with the selected methods and the LM size overrides, if the filters keep it."""
+  if frontier is None or not _keeps_frontier(frontier, sel):
+    return None
+  if sel.methods is not None:
+    frontier = dataclasses.replace(
+      frontier, methods=tuple(m for m in frontier.methods if m in sel.methods)
+    )
+  if "lm" in sizes:
+    frontier = dataclasses.replace(
+      frontier, sizes=tuple(sorted({**dict(frontier.sizes), **sizes["lm"]}.items()))
+    )
+  return frontier
+
+
+def _keeps_frontier(frontier: Frontier, sel: _Selection) -> bool:
+  """Whether the frontier (an Adam search of one task and model) passes the filters."""
+  return (
+    (sel.experiments is None or "frontier" in sel.experiments)
+    and (sel.tasks is None or frontier.task in sel.tasks)
+    and (sel.models is None or _matches(frontier.model, sel.models))
+    and (sel.optimizers is None or "adam" in sel.optimizers)
+  )
 
 
 def largest_fitting(
@@ -718,166 +860,243 @@ def run_suite(
     A :class:`SuiteResult`.
   """
   t_start = time.perf_counter()
-  if reps < 1 and any(p.timed for p in suite.points):
-    raise ValueError(f"reps must be >= 1, got {reps}.")
+  _check_reps(suite.points, reps)
   jobs = jobs or max(1, min(2, os.cpu_count() or 1))
-  timed_opts = FAST_COMPILE_OPTIONS if fast_compile else None
-  # JAX's x64 switch is thread-local: the compile threads must see the
-  # caller's (and float64 problems need it on).
-  x64 = bool(jax.config.jax_enable_x64) or jnp.dtype(dtype).itemsize == 8
+  # Points that name one configuration differently (mlp-M4 and mlp-M1 with
+  # batch=512) are measured once.
+  points = list(_merge(suite.points, lambda p: _canonical_key(p, suite.small)))
+  programs = [(p, m) for p in points for m in check_methods(p.methods)]
+  bar = _Progress(_n_steps(points, programs, suite.frontier), progress)
+  run = _Measurements(suite.small, seed, dtype, fast_compile, bar)
+  clock = _PhaseClock()
+  records: list[dict[str, Any]] = []
+  frontier_records: list[dict[str, Any]] = []
+  try:
+    with jax.enable_x64(run.x64):
+      run.compile_all(programs, jobs)
+      clock.lap("compile")
+      if on_phase:
+        on_phase("compile", run.records(points, reps), [])
+      run.time_all(points, reps)
+      records = run.records(points, reps)
+      clock.lap("time")
+      if on_phase:
+        on_phase("time", records, [])
+      if suite.frontier is not None and suite.frontier.methods:
+        search = _FrontierSearch(run, suite.frontier)
+        frontier_records = search.run_all(jobs)
+        points = search.tag(points)
+        records = run.records(points, reps)
+        clock.lap("frontier")
+        if on_phase:
+          on_phase("frontier", records, frontier_records)
+  finally:
+    bar.close()
+  return SuiteResult(records, frontier_records, time.perf_counter() - t_start, clock.seconds)
 
-  def in_x64(fn: Callable) -> Callable:
+
+def _check_reps(points: Iterable[Point], reps: int) -> None:
+  if reps < 1 and any(p.timed for p in points):
+    raise ValueError(f"reps must be >= 1, got {reps}.")
+
+
+def _n_steps(
+  points: Sequence[Point], programs: Sequence[tuple[Point, str]], frontier: Frontier | None
+) -> int:
+  """Steps of the progress bar: programs to compile, points to time, 2 per frontier search."""
+  n_searches = 0 if frontier is None else len(frontier.methods) * len(frontier.axes())
+  return len(programs) + sum(p.timed for p in points) + 2 * n_searches
+
+
+class _PhaseClock:
+  """Wall-clock seconds of each phase of a run."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self._start = time.perf_counter()
+
+  def lap(self, phase: str) -> None:
+    now = time.perf_counter()
+    self.seconds[phase] = now - self._start
+    self._start = now
+
+
+class _Measurements:
+  """The problems, compiled programs and measurements of a run, shared by the compile threads.
+
+  Configurations are identified by :func:`_canonical_key`, so that points that
+  name one configuration differently are built, compiled and timed once.
+  """
+
+  def __init__(self, small: bool, seed: int, dtype: Any, fast_compile: bool, bar: _Progress):
+    self.small, self.bar = small, bar
+    self._seed, self._dtype = seed, dtype
+    self._timed_options = FAST_COMPILE_OPTIONS if fast_compile else None
+    # JAX's x64 switch is thread-local: the compile threads must see the
+    # caller's (and float64 problems need it on).
+    self.x64 = bool(jax.config.jax_enable_x64) or jnp.dtype(dtype).itemsize == 8
+    self.lock = threading.Lock()
+    self._problems: dict[tuple, Problem] = {}
+    # Memory of every compiled program, by (configuration, method): the
+    # frontier search reads it before compiling anything new.
+    self._infos: dict[tuple, dict[str, Any]] = {}
+    self._executables: dict[tuple, Any] = {}
+
+  def key(self, p: Point) -> tuple:
+    return _canonical_key(p, self.small)
+
+  def in_x64(self, fn: Callable) -> Callable:
+    """``fn`` run with the run's x64 setting (in whichever thread calls it)."""
+
     def wrapped(*args):
-      with jax.enable_x64(x64):
+      with jax.enable_x64(self.x64):
         return fn(*args)
 
     return wrapped
 
-  def ck(p: Point) -> tuple:
-    return _canonical_key(p, suite.small)
-
-  # Points that name one configuration differently (mlp-M4 and mlp-M1 with
-  # batch=512) are measured once.
-  points = list(_merge(suite.points, ck))
-  programs = [(p, m) for p in points for m in check_methods(p.methods)]
-  frontier = suite.frontier
-  n_searches = 0 if frontier is None else len(frontier.methods) * len(frontier.axes())
-  bar = _Progress(len(programs) + sum(p.timed for p in points) + 2 * n_searches, progress)
-
-  problems: dict[tuple, Problem] = {}
-  lock = threading.Lock()
-
-  def problem(p: Point) -> Problem:
-    with lock:
-      if ck(p) not in problems:
-        problems[ck(p)] = make_problem(
+  def problem(self, p: Point) -> Problem:
+    with self.lock:
+      if self.key(p) not in self._problems:
+        self._problems[self.key(p)] = make_problem(
           p.model,
           p.T,
           task=p.task,
-          small=suite.small,
-          seed=seed,
-          dtype=dtype,
+          small=self.small,
+          seed=self._seed,
+          dtype=self._dtype,
           abstract=not p.timed,
           optimizer=p.optimizer,
           **dict(p.sizes),
         )
-      return problems[ck(p)]
+      return self._problems[self.key(p)]
 
-  # Memory of every compiled program, by (configuration, method): the
-  # frontier search reads it before compiling anything new.
-  infos: dict[tuple, dict[str, Any]] = {}
-  executables: dict[tuple, Any] = {}
+  def info(self, p: Point, method: str) -> dict[str, Any] | None:
+    """The measurements of ``method`` on ``p`` so far, ``None`` if not compiled yet."""
+    with self.lock:
+      return self._infos.get((self.key(p), method))
 
-  @in_x64
-  def compile_one(p: Point, m: str) -> None:
-    prob = problem(p)
-    compiled, info = compile_method(prob, m, timed_opts if p.timed else FAST_COMPILE_OPTIONS)
-    with lock:
-      infos[(ck(p), m)] = info
+  def compile(self, p: Point, method: str) -> None:
+    """Compiles ``method`` on ``p`` and records its memory (and keeps it if ``p`` is timed)."""
+    with jax.enable_x64(self.x64):
+      prob = self.problem(p)
+      options = self._timed_options if p.timed else FAST_COMPILE_OPTIONS
+      compiled, info = compile_method(prob, method, options)
+    with self.lock:
+      self._infos[(self.key(p), method)] = info
       if p.timed:
-        executables[(ck(p), m)] = compiled
-    bar.step(_label(p, m))
+        self._executables[(self.key(p), method)] = compiled
+    self.bar.step(_label(p, method))
 
-  records: list[dict[str, Any]] = []
-  frontier_records: list[dict[str, Any]] = []
-  phases: dict[str, float] = {}
-  t_phase = time.perf_counter()
-
-  def phase_done(name: str) -> None:
-    nonlocal t_phase
-    now = time.perf_counter()
-    phases[name] = now - t_phase
-    t_phase = now
-
-  x64_context = jax.enable_x64(x64)
-  x64_context.__enter__()
-  try:
+  def compile_all(self, programs: Sequence[tuple[Point, str]], jobs: int) -> None:
     with ThreadPoolExecutor(jobs) as pool:
-      for f in [pool.submit(compile_one, p, m) for p, m in programs]:
+      for f in [pool.submit(self.compile, p, m) for p, m in programs]:
         f.result()
-    phase_done("compile")
-    if on_phase:
-      on_phase("compile", _records(points, problems, infos, reps, ck), [])
 
+  def time(self, p: Point, reps: int) -> None:
+    """Times the methods of ``p`` (interleaved), lowest memory first, and frees their programs."""
+    methods = check_methods(p.methods)
+    compiled = {m: self._executables.pop((self.key(p), m)) for m in methods}
+    order = sorted(methods, key=lambda m: self._infos[(self.key(p), m)]["total_mib"] or 0.0)
+    timed = time_methods(
+      compiled,
+      self._problems[self.key(p)].args,
+      reps=reps,
+      order=order,
+      on_progress=lambda s: self.bar.say(f"{_label(p)}: {s}"),
+    )
+    for m in methods:
+      self._infos[(self.key(p), m)].update(timed[m])
+    del compiled
+    self.bar.step(_label(p))
+
+  def time_all(self, points: Iterable[Point], reps: int) -> None:
+    """Times the timed points, one at a time (after all compilation)."""
     for p in points:
-      if not p.timed:
-        continue
-      methods = check_methods(p.methods)
-      compiled = {m: executables.pop((ck(p), m)) for m in methods}
-      order = sorted(methods, key=lambda m: infos[(ck(p), m)]["total_mib"] or 0.0)
-      timed = time_methods(
-        compiled,
-        problems[ck(p)].args,
-        reps=reps,
-        order=order,
-        on_progress=lambda s, p=p: bar.say(f"{_label(p)}: {s}"),
-      )
-      for m in methods:
-        infos[(ck(p), m)].update(timed[m])
-      del compiled
-      bar.step(_label(p))
-    records = _records(points, problems, infos, reps, ck)
-    phase_done("time")
-    if on_phase:
-      on_phase("time", records, [])
+      if p.timed:
+        self.time(p, reps)
 
-    if frontier is not None and frontier.methods:
-      frontier_points: dict[tuple, Point] = {}
+  def records(self, points: Sequence[Point], reps: int) -> list[dict[str, Any]]:
+    """Result records of every measured (point, method), with experiments and ratios."""
+    records = []
+    for p in points:
+      for m in [m for m in METHODS if (self.key(p), m) in self._infos]:
+        info = self._infos[(self.key(p), m)]
+        rec = make_record(self._problems[self.key(p)], m, info, compile_only=not p.timed, reps=reps)
+        rec["experiments"] = list(p.experiments)
+        records.append(rec)
+    add_ratios(records)
+    return records
 
-      def measure(axis: str, value: Any, method: str) -> float:
-        p = frontier.point(axis, value)
-        with lock:
-          have = (ck(p), method) in infos
-          frontier_points.setdefault(ck(p), p)
-        if not have:
-          bar.add_total(1)
-          compile_one(p, method)
-        with lock:
-          return infos[(ck(p), method)]["total_mib"]
 
-      @in_x64
-      def search(axis: str, method: str) -> dict[str, Any]:
-        values = frontier.axes()[axis]
-        xs = [_axis_x(axis, v, suite.small) for v in values]
-        known = {}
-        for i, v in enumerate(values):
-          p = frontier.point(axis, v)
-          with lock:
-            info = infos.get((ck(p), method))
-          if info is not None:
-            known[i] = info["total_mib"]
-            with lock:
-              frontier_points.setdefault(ck(p), p)
-        base = _axis_base(frontier, axis, suite.small)
-        base = values.index(base) if base in values else 0
-        budget = frontier.budget_gib * 1024
-        i, seen = largest_fitting(
-          xs, lambda j: measure(axis, values[j], method), budget, known, start=base
-        )
-        bar.step(f"frontier {axis} {method}", 2)
-        return _frontier_record(frontier, axis, method, values, i, seen, suite.small)
+class _FrontierSearch:
+  """The frontier's searches (one per axis and method), reusing every program compiled so far."""
 
-      with ThreadPoolExecutor(jobs) as pool:
-        futures = [
-          pool.submit(search, axis, m) for axis in frontier.axes() for m in frontier.methods
-        ]
-        frontier_records = [f.result() for f in futures]
-      new = [p for k, p in frontier_points.items() if k not in {ck(q) for q in points}]
-      frontier_keys = set(frontier_points)
-      points = [
-        dataclasses.replace(p, experiments=(*p.experiments, "frontier"))
-        if ck(p) in frontier_keys
-        else p
-        for p in points
-      ] + [dataclasses.replace(p, experiments=("frontier",), methods=()) for p in new]
-      records = _records(points, problems, infos, reps, ck)
-      phase_done("frontier")
-      if on_phase:
-        on_phase("frontier", records, frontier_records)
-  finally:
-    x64_context.__exit__(None, None, None)
-    bar.close()
-  return SuiteResult(records, frontier_records, time.perf_counter() - t_start, phases)
+  def __init__(self, run: _Measurements, frontier: Frontier):
+    self.run, self.frontier = run, frontier
+    # Every configuration the searches measured or read, by key.
+    self.probes: dict[tuple, Point] = {}
+
+  def run_all(self, jobs: int) -> list[dict[str, Any]]:
+    """The frontier records, the searches run in ``jobs`` threads."""
+    search = self.run.in_x64(self.search)
+    axes, methods = self.frontier.axes(), self.frontier.methods
+    with ThreadPoolExecutor(jobs) as pool:
+      futures = [pool.submit(search, axis, m) for axis in axes for m in methods]
+      return [f.result() for f in futures]
+
+  def search(self, axis: str, method: str) -> dict[str, Any]:
+    """The largest value on ``axis`` that fits the budget with ``method``."""
+    frontier, small = self.frontier, self.run.small
+    values = frontier.axes()[axis]
+    xs = [_axis_x(axis, v, small) for v in values]
+    known = self._known(axis, method)
+    base = _axis_base(frontier, axis, small)
+    base = values.index(base) if base in values else 0
+    i, seen = largest_fitting(
+      xs,
+      lambda j: self._measure(frontier.point(axis, values[j]), method),
+      frontier.budget_gib * 1024,
+      known,
+      start=base,
+    )
+    self.run.bar.step(f"frontier {axis} {method}", 2)
+    return _frontier_record(frontier, axis, method, values, i, seen, small)
+
+  def _probe(self, p: Point) -> None:
+    with self.run.lock:
+      self.probes.setdefault(self.run.key(p), p)
+
+  def _known(self, axis: str, method: str) -> dict[int, float]:
+    """Memory of the grid points on ``axis`` already compiled with ``method``."""
+    known = {}
+    for i, v in enumerate(self.frontier.axes()[axis]):
+      p = self.frontier.point(axis, v)
+      info = self.run.info(p, method)
+      if info is not None:
+        known[i] = info["total_mib"]
+        self._probe(p)
+    return known
+
+  def _measure(self, p: Point, method: str) -> float:
+    """Total memory of ``method`` on ``p``, compiled if not yet."""
+    have = self.run.info(p, method) is not None
+    self._probe(p)
+    if not have:
+      self.run.bar.add_total(1)
+      self.run.compile(p, method)
+    return self.run.info(p, method)["total_mib"]
+
+  def tag(self, points: Sequence[Point]) -> list[Point]:
+    """``points`` with the frontier among the experiments of those probed, and the new probes."""
+    key = self.run.key
+    measured = {key(q) for q in points}
+    new = [p for k, p in self.probes.items() if k not in measured]
+    return [
+      dataclasses.replace(p, experiments=(*p.experiments, "frontier"))
+      if key(p) in self.probes
+      else p
+      for p in points
+    ] + [dataclasses.replace(p, experiments=("frontier",), methods=()) for p in new]
 
 
 def _canonical_key(p: Point, small: bool) -> tuple:
@@ -901,25 +1120,6 @@ def _axis_x(axis: str, value: Any, small: bool) -> float:
   if axis != "model":
     return float(value)
   return float(make_problem(value, 1, small=small, abstract=True).config["n_params"])
-
-
-def _records(
-  points: Sequence[Point],
-  problems: dict[tuple, Problem],
-  infos: dict[tuple, dict[str, Any]],
-  reps: int,
-  ck: Callable[[Point], tuple],
-) -> list[dict[str, Any]]:
-  """Result records of every measured (point, method), with experiments and ratios."""
-  records = []
-  for p in points:
-    methods = [m for m in METHODS if (ck(p), m) in infos]
-    for m in methods:
-      rec = make_record(problems[ck(p)], m, infos[(ck(p), m)], compile_only=not p.timed, reps=reps)
-      rec["experiments"] = list(p.experiments)
-      records.append(rec)
-  add_ratios(records)
-  return records
 
 
 def _frontier_record(

@@ -1,7 +1,7 @@
 r"""A one-call check that the mixed-mode meta-gradient holds for a given inner loss.
 
 The mixed-mode rule computes the backward pass of the inner gradient from the
-symmetry of the inner loss's Hessian. A ``jax.custom_jvp`` / ``custom_vjp``
+symmetry of the inner loss's Hessian. A :class:`jax.custom_jvp` / ``custom_vjp``
 rule that is *not* the loss's true derivative (a straight-through estimator,
 quantisation, clipping inside a backward rule) breaks that symmetry, and the
 mixflow meta-gradient then differs from the one of standard backpropagation
@@ -124,7 +124,7 @@ def check_meta_gradient(
 
   The two agree to round-off for any twice-differentiable inner loss
   (``stop_gradient`` and exact ``custom_jvp`` rules included). They differ
-  when the loss has a ``jax.custom_jvp`` / ``custom_vjp`` rule that is not its
+  when the loss has a :class:`jax.custom_jvp` / ``custom_vjp`` rule that is not its
   true derivative (straight-through estimators, quantisation, clipping inside
   a backward rule): use ``mode="standard"`` for such a loss. Run the check
   once, on a small batch, before a long meta-training run. The default

@@ -1,6 +1,6 @@
 """The JAX internals mixflow_optax relies on, in one place.
 
-Everything here reaches below JAX's stable API (``jax.extend.core``, the
+Everything here reaches below JAX's stable API (:mod:`jax.extend.core`, the
 ``custom_lin`` primitive, ``CustomVJPPrimal`` / ``SymbolicZero`` of
 ``custom_vjp(..., symbolic_zeros=True)``, tracer classes). When JAX moves one
 of them, this module is the only one to change.
@@ -39,7 +39,7 @@ class ForwardModeUnsupported(Exception):
   """Raised by :func:`check_forward_mode_traceable`: the jvp would fail when run."""
 
 
-#: What JAX itself raises when ``jax.jvp`` meets an operation it cannot
+#: What JAX itself raises when :func:`jax.jvp` meets an operation it cannot
 #: differentiate in forward mode: ``TypeError`` for a ``custom_vjp`` function
 #: traced eagerly ("can't apply forward-mode autodiff (jvp) to a custom_vjp
 #: function"), ``ValueError`` for ``pure_callback`` ("Pure callbacks do not
@@ -53,9 +53,9 @@ def is_tracer(x: Any) -> bool:
 
 
 def is_forward_mode_traced(tree: Any) -> bool:
-  """Whether a leaf of ``tree`` is being differentiated by ``jax.jvp`` (or ``jacfwd``).
+  """Whether a leaf of ``tree`` is being differentiated by :func:`jax.jvp` (or ``jacfwd``).
 
-  Looks through the nesting of tracers (``jax.grad`` inside ``jax.jvp``,
+  Looks through the nesting of tracers (:func:`jax.grad` inside :func:`jax.jvp`,
   ``vmap`` of ``jvp``): a ``custom_vjp`` function cannot run under any of them.
   """
   for leaf in jax.tree.leaves(tree):
@@ -131,7 +131,7 @@ def _has_staged_custom_vjp_jvp(jaxpr: Any) -> bool:
 def check_forward_mode_traceable(f: Callable, primals: Any, tangents: Any) -> None:
   """Raises :class:`ForwardModeUnsupported` now if ``jax.jvp(f)`` would fail later.
 
-  Under staging (``lax.scan``, ``jax.checkpoint``, ``jit``), JAX does not
+  Under staging (``lax.scan``, :func:`jax.checkpoint`, ``jit``), JAX does not
   raise when forward mode meets a ``custom_vjp`` function: it stages a
   ``custom_lin`` operation that fails only when the program runs, past any
   handler here. Tracing the jvp once and looking for it makes the failure

@@ -19,7 +19,7 @@ Mode = Literal["mixflow", "standard", "first_order"]
 #: The meta-gradient modes, in the order the messages list them.
 MODES: tuple[str, ...] = ("mixflow", "standard", "first_order")
 
-#: Name given to the inner gradients (``jax.ad_checkpoint.checkpoint_name``),
+#: Name given to the inner gradients (:func:`jax.ad_checkpoint.checkpoint_name`),
 #: kept by the remat policy when ``save_inner_grads=True``.
 INNER_GRAD_NAME = "mixflow_inner_grad"
 
@@ -34,7 +34,7 @@ class MemoryConfig:
   """What the unrolled loop stores for the backward pass, and what it recomputes.
 
   Attributes:
-    remat: ``jax.checkpoint`` around each inner step (store step inputs only).
+    remat: :func:`jax.checkpoint` around each inner step (store step inputs only).
     save_inner_grads: with ``remat``, keep each inner gradient.
     checkpoint_every: store the carry every ``K1`` steps, nested levels
       ``(K1, K2, ...)``; ``()``: every step.
@@ -49,7 +49,7 @@ class MemoryConfig:
   offload_carries: bool = False
 
   def step_policy(self) -> Any:
-    """The ``jax.checkpoint`` policy of one inner step (None: no remat)."""
+    """The :func:`jax.checkpoint` policy of one inner step (None: no remat)."""
     if not self.remat:
       return None
     saved = (INNER_GRAD_NAME,) if self.save_inner_grads else ()

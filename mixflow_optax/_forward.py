@@ -67,7 +67,7 @@ class ForwardTangents(NamedTuple):
   """Carried tangents of ``meta_optimizer(..., mode="forward", carry_tangents=True)``.
 
   Every leaf has a leading axis of length :math:`n`, the number of
-  meta-parameter elements (in ``jax.flatten_util.ravel_pytree`` order): entry
+  meta-parameter elements (in :func:`jax.flatten_util.ravel_pytree` order): entry
   ``i`` is the derivative of that leaf with respect to meta-parameter element
   ``i``, through every inner step since ``init``. Leaves of integer primals
   (step counters) hold zeros of the primal's dtype.

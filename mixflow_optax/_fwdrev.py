@@ -1,7 +1,7 @@
 r"""The mixed-mode differentiation rule: forward-over-reverse inner gradients.
 
 The inner gradient :math:`g = \nabla_\theta L(z)` of a scalar loss over all its
-inputs :math:`z = (\theta, \eta, x)` is wrapped in a ``jax.custom_vjp`` whose
+inputs :math:`z = (\theta, \eta, x)` is wrapped in a :class:`jax.custom_vjp` whose
 backward rule uses the symmetry of the Hessian of :math:`L`:
 
 .. math::
@@ -10,7 +10,7 @@ backward rule uses the symmetry of the Hessian of :math:`L`:
   \bar g \;=\; \frac{\partial}{\partial \varepsilon}\,
   \nabla_z L(\theta + \varepsilon \bar g, \eta, x)\Big|_{\varepsilon = 0},
 
-one forward-mode (``jax.jvp``) pass over the full gradient
+one forward-mode (:func:`jax.jvp`) pass over the full gradient
 :math:`\nabla_z L` instead of reverse-over-reverse. The primal saves only the
 call's inputs, so nothing of the inner forward or backward pass is stored for
 the outer backward pass.
@@ -195,7 +195,7 @@ def fwdrev_value_and_grad(
   Returns a function with the same inputs and outputs as
   ``jax.value_and_grad(fun, argnums, has_aux=has_aux)``. Its value is computed
   the ordinary way; what changes is how it is *itself* differentiated (e.g. by
-  ``jax.grad`` of a meta-loss through an unrolled inner loop). With cotangents
+  :func:`jax.grad` of a meta-loss through an unrolled inner loop). With cotangents
   :math:`\bar v` for the value and :math:`\bar g` for the gradient, the
   cotangent of every differentiated input :math:`z` is
 
@@ -205,7 +205,7 @@ def fwdrev_value_and_grad(
     L(\theta + \varepsilon \bar g, z_{\setminus\theta})\Big|_{\varepsilon=0}
     \;+\; \bar v\,\nabla_z L,
 
-  i.e. one ``jax.jvp`` over the full gradient :math:`\nabla_z L` (a
+  i.e. one :func:`jax.jvp` over the full gradient :math:`\nabla_z L` (a
   Hessian-vector product). The term :math:`\bar v \nabla_z L` is the primal
   output of that same jvp, so it costs nothing. Only the call's inputs are
   saved as residuals.
@@ -218,24 +218,24 @@ def fwdrev_value_and_grad(
   The rule relies on the symmetry of the Hessian of ``fun``. This holds for
   any twice-differentiable loss built from JAX operations (``stop_gradient``
   and exact ``custom_jvp`` rules included). It does not hold when ``fun`` uses
-  a ``jax.custom_vjp`` / ``custom_jvp`` whose rule is *not* the exact
+  a :class:`jax.custom_vjp` / ``custom_jvp`` whose rule is *not* the exact
   derivative (straight-through estimators, gradient clipping inside a
-  backward rule): then use plain ``jax.grad`` (``mode="standard"``);
+  backward rule): then use plain :func:`jax.grad` (``mode="standard"``);
   :func:`mixflow_optax.check_meta_gradient` tells whether a loss is affected.
 
   Keyword arguments are passed to ``fun`` and not differentiated by the inner
   gradient, as in :func:`jax.grad` (an outer transformation still
-  differentiates through them). Under ``jax.jvp`` / ``jax.jacfwd`` the call is
-  plain ``jax.value_and_grad``, which forward mode already differentiates
+  differentiates through them). Under :func:`jax.jvp` / :func:`jax.jacfwd` the call is
+  plain :func:`jax.value_and_grad`, which forward mode already differentiates
   forward-over-reverse.
 
   Args:
     fun: scalar loss ``fun(*args)`` (or ``(loss, aux)`` with ``has_aux``).
     argnums: which positional argument(s) to take the gradient of.
     has_aux: whether ``fun`` returns ``(loss, aux)``. ``aux`` is returned as
-      ``jax.value_and_grad`` does and is differentiated exactly too.
+      :func:`jax.value_and_grad` does and is differentiated exactly too.
     fallback: what to do if the loss cannot be differentiated in forward mode
-      (a ``jax.custom_vjp`` whose rules block ``jax.jvp``). ``"raise"``
+      (a :class:`jax.custom_vjp` whose rules block :func:`jax.jvp`). ``"raise"``
       (default) raises :class:`ForwardModeError` naming the fix;
       ``"reverse"`` warns and differentiates that call reverse-over-reverse
       (exact, but without the memory saving).
@@ -305,7 +305,7 @@ def fwdrev_grad(
 
   ``fwdrev_grad(fun)(params, *args)`` has the same value as
   ``jax.grad(fun)(params, *args)``. Differentiating anything built on it
-  (``jax.grad`` / ``jax.vjp`` of a meta-loss) with respect to ``params`` or
+  (:func:`jax.grad` / :func:`jax.vjp` of a meta-loss) with respect to ``params`` or
   any floating leaf of ``args`` runs one forward-over-reverse pass per call,
   the Hessian-vector product
 
@@ -315,7 +315,15 @@ def fwdrev_grad(
     \nabla_z L(\theta + \varepsilon \bar g, \eta, x)\Big|_{\varepsilon=0},
 
   and stores only the call's inputs. See :func:`fwdrev_value_and_grad` for
-  the details and the arguments.
+  the details.
+
+  Args:
+    fun: scalar loss ``fun(*args)`` (or ``(loss, aux)`` with ``has_aux``).
+    argnums: which positional argument(s) to take the gradient of.
+    has_aux: whether ``fun`` returns ``(loss, aux)``; the function then returns
+      ``(grads, aux)``, as :func:`jax.grad` does.
+    fallback: ``"raise"`` (default) or ``"reverse"``, what to do where the loss cannot be
+      differentiated in forward mode, as in :func:`fwdrev_value_and_grad`.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -356,7 +364,7 @@ class _InnerLoss(NamedTuple):
     return loss, (out[1] if self.has_aux else None)
 
   def value_and_grad(self, inputs: Any) -> tuple[Any, Any]:
-    """The primal: ``((loss, aux) | loss, grads)``, as ``jax.value_and_grad``."""
+    """The primal: ``((loss, aux) | loss, grads)``, as :func:`jax.value_and_grad`."""
     args, consts = inputs
 
     def wrt(diff):

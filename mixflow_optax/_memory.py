@@ -66,9 +66,9 @@ def compiled_memory(
   """Compiles ``fn(*args, **kwargs)`` (without running it) and reads its memory analysis.
 
   Args:
-    fn: a function or a ``jax.jit``-ed function (its shardings, static and
+    fn: a function or a :func:`jax.jit`-ed function (its shardings, static and
       donated arguments are kept).
-    *args: the arguments, as arrays or ``jax.ShapeDtypeStruct`` (so that
+    *args: the arguments, as arrays or :class:`jax.ShapeDtypeStruct` (so that
       programs too large to run can still be measured).
     compiler_options: XLA compiler options for this compilation only.
     **kwargs: keyword arguments of ``fn``.

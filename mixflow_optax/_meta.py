@@ -375,7 +375,7 @@ def meta_optimizer(
       transform when ``hyperparams_fn`` is None).
     outer_opt: any optax transform, applied to the meta-parameters.
     hyperparams_fn: ``meta_params -> dict`` of inner hyperparameters, as in
-      :func:`mixflow_optax.unroll`; use ``jnp.exp`` / ``jax.nn.sigmoid`` for
+      :func:`mixflow_optax.unroll`; use ``jnp.exp`` / :func:`jax.nn.sigmoid` for
       positivity or a range.
     mode: ``"mixflow"`` (default), ``"standard"`` or ``"first_order"`` (the
       first-order MAML **approximation**: second-order terms are dropped).
@@ -394,10 +394,16 @@ def meta_optimizer(
     batched_tasks: ``inner_batches`` and ``outer_batch`` have a leading task
       axis; the inner problem is vmapped over tasks and the meta-gradient is
       the mean over tasks (needs ``reset_inner`` or ``init_params_fn``).
-    remat, save_inner_grads, fallback, checkpoint_every, unroll_steps, offload_carries: as in
-      :func:`mixflow_optax.unroll` (``checkpoint_every=K`` for long horizons:
-      store the inner carry every K steps only; ``offload_carries=True``: keep
-      the stored carries in host memory on GPU/TPU).
+    remat: as in :func:`mixflow_optax.unroll`: recompute each inner step in the backward pass.
+    save_inner_grads: as in :func:`mixflow_optax.unroll`: keep the inner gradients through
+      the recomputation.
+    fallback: as in :func:`mixflow_optax.unroll`: what to do where the inner loss cannot be
+      differentiated in forward mode.
+    checkpoint_every: as in :func:`mixflow_optax.unroll`; ``K`` for long horizons: store the
+      inner carry every K steps only.
+    unroll_steps: as in :func:`mixflow_optax.unroll`: the ``unroll`` of the ``lax.scan``.
+    offload_carries: as in :func:`mixflow_optax.unroll`; ``True``: keep the stored carries in
+      host memory on GPU/TPU.
     has_model_state: the model has non-parameter state updated by its
       forward pass (BatchNorm statistics). Then ``inner_loss(params,
       meta_params, batch, model_state) -> (loss, new_model_state)`` and
@@ -409,8 +415,8 @@ def meta_optimizer(
       ``checkify.JaxRuntimeError`` naming the inner step and the term that
       first went non-finite (inner loss, gradient, update, model state, or a
       cotangent in the backward pass; the outer loss; a meta-gradient leaf).
-      ``step`` then compiles itself: call it without ``jax.jit`` (under
-      ``jax.jit`` it must be wrapped in ``checkify.checkify``, whose error
+      ``step`` then compiles itself: call it without :func:`jax.jit` (under
+      :func:`jax.jit` it must be wrapped in ``checkify.checkify``, whose error
       you ``.throw()``). Off by default: the checks cost time. Not available
       with ``mode="forward"``.
     carry_tangents: with ``mode="forward"`` and online meta-learning: keep

@@ -1,6 +1,6 @@
 r"""Where the unrolled loop's arrays live: sharding of fresh states, host offloading of carries.
 
-- :func:`shard_like_params`: an optimizer state built inside ``jax.jit`` from
+- :func:`shard_like_params`: an optimizer state built inside :func:`jax.jit` from
   the parameters (``inner_opt.init(params)``, e.g. MAML's re-initialisation)
   is made of fresh zeros whose sharding XLA cannot infer; it would come back
   replicated. Tying every state leaf to the parameter leaf it mirrors keeps
@@ -21,7 +21,7 @@ from jax.experimental.shard_alike import shard_alike
 __all__ = ["CARRY_NAME", "shard_like_params", "carry_offload_policy", "check_host_offload"]
 
 #: Name of the inner carry ``(params, opt_state, model_state)`` at the start of
-#: each inner step (``jax.ad_checkpoint.checkpoint_name``), offloaded to host
+#: each inner step (:func:`jax.ad_checkpoint.checkpoint_name`), offloaded to host
 #: memory with ``offload_carries=True``.
 CARRY_NAME = "mixflow_inner_carry"
 

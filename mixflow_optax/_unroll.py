@@ -306,7 +306,7 @@ def _segmented_scan(
   """``lax.scan(step, carry, xs)`` with the carry stored only every ``levels[0]`` steps.
 
   Segments of ``K = levels[0]`` steps are scanned by an outer scan whose body
-  is ``jax.checkpoint``-ed with nothing saved: the backward pass stores one
+  is :func:`jax.checkpoint`-ed with nothing saved: the backward pass stores one
   carry per segment and recomputes the segment being differentiated,
   recursively with ``levels[1:]``. A last, shorter segment takes the
   remainder when ``K`` does not divide ``num_steps``. Two levels store
@@ -482,7 +482,7 @@ def unroll(
     u_t, s_{t+1} = \mathrm{opt.update}(g_t, s_t, \theta_t;
     \text{hyperparams} = h(\eta)), \quad \theta_{t+1} = \theta_t + u_t
 
-  ``run`` returns :math:`(\theta_T, s_T)`. ``jax.grad`` / ``jax.vjp`` of any
+  ``run`` returns :math:`(\theta_T, s_T)`. :func:`jax.grad` / :func:`jax.vjp` of any
   function of them with respect to ``meta_params`` :math:`\eta` *and*
   ``params`` :math:`\theta_0` (MAML) is the exact meta-gradient. ``run`` is a
   pure function: jit it, vmap it (e.g. over MAML tasks), differentiate it.
@@ -499,13 +499,13 @@ def unroll(
       once per ``run``, outside the loop.
     mode: ``"mixflow"`` (default): inner gradients by
       :func:`fwdrev_value_and_grad`, differentiated forward-over-reverse.
-      ``"standard"``: plain ``jax.value_and_grad`` inside (reverse-over-reverse
+      ``"standard"``: plain :func:`jax.value_and_grad` inside (reverse-over-reverse
       when differentiated; the baseline, and the reference when an inner loss
       has custom derivative rules: see :func:`mixflow_optax.check_meta_gradient`).
       ``"first_order"``: the inner gradient is treated as a constant
       (``stop_gradient``), dropping all second-order terms. This is the
       first-order MAML approximation, **not** the exact meta-gradient.
-    remat: wrap each inner step in ``jax.checkpoint`` (block
+    remat: wrap each inner step in :func:`jax.checkpoint` (block
       rematerialisation), so that only the step inputs are stored across
       steps. Default ``True`` (measured best with ``save_inner_grads``; see
       the README's benchmark table).
@@ -521,7 +521,7 @@ def unroll(
       or a bool as ``lax.scan`` takes it (``True`` unrolls fully).
     checkpoint_every: long horizons: store the inner carry ``(params,
       opt_state)`` only every K steps and recompute each K-step segment in
-      the backward pass (a nested ``lax.scan`` with ``jax.checkpoint``), so
+      the backward pass (a nested ``lax.scan`` with :func:`jax.checkpoint`), so
       the stored carries grow as :math:`T/K + K` instead of :math:`T`;
       :math:`K \approx \sqrt{T}` gives :math:`O(\sqrt{T})`. T need not be a
       multiple of K. A tuple ``(K1, K2, ...)`` nests further levels
@@ -537,7 +537,7 @@ def unroll(
       optimizer, and is differentiated exactly (it depends on the
       parameters, so the meta-gradient flows through it).
     check_finite: debugging aid for NaN meta-gradients. Adds
-      ``jax.experimental.checkify`` checks that name the inner step and the
+      :mod:`jax.experimental.checkify` checks that name the inner step and the
       term that first went non-finite: forward (inner loss, inner gradient,
       update, model state) and backward (the cotangents of the inner
       gradient, of the step's carry, and of each step's contribution to the
@@ -556,9 +556,9 @@ def unroll(
       memory is host memory, it runs but moves nothing. Saved inner gradients
       stay on the device. The meta-gradient is unchanged. Default ``False``.
 
-  Under ``jax.jvp`` / ``jax.jacfwd`` (applied outside any ``jit``),
+  Under :func:`jax.jvp` / :func:`jax.jacfwd` (applied outside any ``jit``),
   ``mode="mixflow"`` computes the inner gradients with plain
-  ``jax.value_and_grad``: forward mode differentiates them forward-over-reverse
+  :func:`jax.value_and_grad`: forward mode differentiates them forward-over-reverse
   already.
 
   Returns:

@@ -490,6 +490,26 @@ class BenchTest(helpers.TestCase):
     assert {e for p in tiny.points for e in p.experiments} == exps and tiny.small
     assert tiny.frontier.budget_gib == 0.5
 
+  def test_an_experiment_is_one_registration(self):
+    # What the docstring of benchmarks/_suite.py says adding an experiment takes.
+    try:
+
+      @_suite._experiment("depth")
+      def _depth(pre):
+        return [bench.Point("loss_weighting", pre.mlp, 4, (("depth", d),)) for d in (2, 4)]
+
+      for name in bench.SUITES:
+        points = [p for p in bench.make_suite(name).points if "depth" in p.experiments]
+        assert [p.sizes for p in points] == [(("depth", 2),), (("depth", 4),)], name
+        assert all(p.experiments == ("depth",) for p in points)
+      sel = bench.select(bench.make_suite("tiny"), experiments=["depth"], methods=["mixflow"])
+      assert [p.model for p in sel.points] == ["mlp-M4", "mlp-M4"] and sel.frontier is None
+      with self.assertRaisesRegex(ValueError, "already defined"):
+        _suite._experiment("tasks")(_depth)
+    finally:
+      _suite._BUILDERS.pop("depth", None)
+    assert bench.EXPERIMENTS == (*_suite._BUILDERS, "frontier")
+
   def test_doctests(self):
     # pytest collects the package's doctests; the benchmark's are run here.
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -1,10 +1,10 @@
 """Neural-network pieces that keep their memory saving under forward-over-reverse.
 
-- :func:`dot_product_attention`: ``jax.nn.dot_product_attention`` semantics,
+- :func:`dot_product_attention`: :func:`jax.nn.dot_product_attention` semantics,
   computed over key blocks: :math:`O(S \\cdot \\text{block})` memory for the
-  output, its gradient and ``jax.jvp`` of ``jax.grad``.
+  output, its gradient and :func:`jax.jvp` of :func:`jax.grad`.
 - :func:`flax_attention`: the same as the ``attention_fn`` of Flax attention
-  modules (``flax.nnx.MultiHeadAttention``, ``flax.linen.MultiHeadDotProductAttention``).
+  modules (:class:`flax.nnx.MultiHeadAttention`, :class:`flax.linen.MultiHeadDotProductAttention`).
 - :func:`chunked_cross_entropy`: LM head and cross entropy over chunks of
   tokens, without the :math:`N \\times V` logits.
 """

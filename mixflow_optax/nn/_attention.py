@@ -1,11 +1,11 @@
 r"""Memory-efficient attention that can be differentiated forward-over-reverse.
 
 Scaled dot-product attention with the semantics of
-``jax.nn.dot_product_attention``, computed over blocks of keys with an online
+:func:`jax.nn.dot_product_attention`, computed over blocks of keys with an online
 softmax so that the :math:`B N T S` score matrix never exists at once. Fused
-attention kernels (cuDNN, Pallas, TPU flash/splash) are ``jax.custom_vjp`` or
-``pallas_call`` functions whose rules JAX cannot run under ``jax.jvp``; the
-meta-gradient rule of this library needs ``jax.jvp`` of ``jax.grad`` of the
+attention kernels (cuDNN, Pallas, TPU flash/splash) are :class:`jax.custom_vjp` or
+``pallas_call`` functions whose rules JAX cannot run under :func:`jax.jvp`; the
+meta-gradient rule of this library needs :func:`jax.jvp` of :func:`jax.grad` of the
 inner loss. Everything here is plain JAX, so both orders work, and the memory
 stays :math:`O(S \cdot \text{block})` in the forward pass, the gradient and
 the forward-over-reverse pass.
@@ -305,16 +305,16 @@ def dot_product_attention(
     \mathrm{Attention}(Q, K, V) = \mathrm{softmax}\Big(s\, Q K^\top + B\Big) V,
     \qquad s = 1 / \sqrt{d} \text{ by default},
 
-  with the arguments, layout and semantics of ``jax.nn.dot_product_attention``
+  with the arguments, layout and semantics of :func:`jax.nn.dot_product_attention`
   (grouped-query attention, bias and mask broadcasting, causal masking,
   sequence lengths, local windows, fully masked rows averaging every value as
   there), computed over blocks of ``block_size`` keys with an online softmax
   (FlashAttention-2, Algorithm 1). Memory is :math:`O(B N T \cdot
   \text{block})` instead of :math:`O(B N T S)`, for the output, its gradient
-  *and* ``jax.jvp`` of ``jax.grad`` (forward-over-reverse, what
+  *and* :func:`jax.jvp` of :func:`jax.grad` (forward-over-reverse, what
   ``mfo.unroll(mode="mixflow")`` runs). The softmax runs in
   ``promote_types(dtype, float32)``: float64 inputs give float64 attention
-  (``jax.nn``'s XLA path computes it in float32).
+  (:mod:`jax.nn`'s XLA path computes it in float32).
 
   Args:
     query: ``(batch, q_len, heads, head_dim)`` or ``(q_len, heads, head_dim)``.
@@ -333,16 +333,16 @@ def dot_product_attention(
       attends to keys ``i - left ... i + right``.
     block_size: keys per block (any sequence length works; the last block is
       padded). Memory grows with it, time shrinks with it up to a point.
-    differentiation: ``"flash"`` (default): a ``jax.custom_vjp`` whose rules
+    differentiation: ``"flash"`` (default): a :class:`jax.custom_vjp` whose rules
       are plain JAX: the forward saves only the output and the softmax row
       statistics (maximum and sum),
       the backward recomputes each block's probabilities (FlashAttention-2,
-      Algorithm 2). ``jax.grad`` and ``jax.jvp`` of ``jax.grad`` work, a bare
-      ``jax.jvp`` (or ``jax.jacfwd``) of the attention does not.
-      ``"checkpoint"``: plain differentiable JAX with ``jax.checkpoint`` per
-      block: every transformation works (a bare ``jax.jvp`` too), with less
-      memory for a plain gradient but slightly more for ``jax.jvp`` of
-      ``jax.grad`` and much more reverse-over-reverse (the online-softmax
+      Algorithm 2). :func:`jax.grad` and :func:`jax.jvp` of :func:`jax.grad` work, a bare
+      :func:`jax.jvp` (or :func:`jax.jacfwd`) of the attention does not.
+      ``"checkpoint"``: plain differentiable JAX with :func:`jax.checkpoint` per
+      block: every transformation works (a bare :func:`jax.jvp` too), with less
+      memory for a plain gradient but slightly more for :func:`jax.jvp` of
+      :func:`jax.grad` and much more reverse-over-reverse (the online-softmax
       carry is stored per block).
 
   Returns:

@@ -33,8 +33,8 @@ def flax_attention(
 ) -> jax.Array:
   """:func:`dot_product_attention` with the signature of Flax's ``dot_product_attention``.
 
-  Pass it as ``attention_fn`` of ``flax.nnx.MultiHeadAttention`` or
-  ``flax.linen.MultiHeadDotProductAttention`` (``functools.partial`` sets
+  Pass it as ``attention_fn`` of :class:`flax.nnx.MultiHeadAttention` or
+  :class:`flax.linen.MultiHeadDotProductAttention` (``functools.partial`` sets
   ``block_size`` / ``differentiation``). Flax's masks (boolean or 0/1 floats,
   ``(batch..., heads, q_len, kv_len)``) are converted; several leading batch
   dimensions are flattened as Flax does. Attention dropout and sowing the

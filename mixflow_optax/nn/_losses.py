@@ -24,10 +24,10 @@ def chunked_cross_entropy(
     \ell_i = \log \sum_{v} \exp(z_{iv}) - z_{i y_i}, \qquad z_i = h_i W + b,
 
   for every token :math:`i`, without the :math:`N \times V` logits: a
-  ``lax.scan`` over chunks of tokens, with ``jax.checkpoint`` around each
+  ``lax.scan`` over chunks of tokens, with :func:`jax.checkpoint` around each
   chunk so that the gradient recomputes a chunk's logits instead of storing
-  them. Plain JAX, so ``jax.grad``, ``jax.jvp`` and ``jax.jvp`` of
-  ``jax.grad`` (forward-over-reverse, ``mfo.unroll(mode="mixflow")``) all
+  them. Plain JAX, so :func:`jax.grad`, :func:`jax.jvp` and :func:`jax.jvp` of
+  :func:`jax.grad` (forward-over-reverse, ``mfo.unroll(mode="mixflow")``) all
   work, each in :math:`O(\text{chunk} \cdot V)` memory. The logits and their
   softmax run in ``promote_types(dtype, float32)``.
 

@@ -78,8 +78,9 @@ def sgd(
   ``momentum``. Each is a scalar or a pytree matching params.
 
   Args:
-    learning_rate: :math:`\alpha`, a scalar, per-parameter pytree or schedule.
-    momentum: :math:`\mu`, or ``None`` for plain SGD.
+    learning_rate: :math:`\alpha`, a scalar, per-parameter pytree or schedule. Differentiable
+      hyperparameter.
+    momentum: :math:`\mu`, or ``None`` for plain SGD. Differentiable hyperparameter if given.
     nesterov: whether to use Nesterov momentum.
     accumulator_dtype: optional dtype of the momentum buffer.
 
@@ -126,6 +127,20 @@ def adam(
   same trajectory, an approximate (not exact) meta-gradient that some
   meta-learning setups prefer for stability (DiscoRL's meta-learned Adam).
 
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    b1: :math:`\beta_1`, the decay of the first moment (the momentum). Differentiable
+      hyperparameter.
+    b2: :math:`\beta_2`, the decay of the second moment. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the denominator outside the square root. Differentiable
+      hyperparameter.
+    eps_root: :math:`\epsilon_{root}`, added inside the square root. Differentiable hyperparameter.
+    mu_dtype: optional dtype of the first moment (``None``: that of the params).
+    nesterov: whether to use Nesterov momentum (as :func:`nadam`).
+    stop_gradient_denominator: treat the denominator as a constant in derivatives: the same
+      trajectory, an approximate (not exact) meta-gradient.
+
   Examples:
     >>> import jax, jax.numpy as jnp, mixflow_optax as mfo
     >>> opt = mfo.transforms.adam(1e-3)
@@ -169,6 +184,24 @@ def adamw(
   Hyperparameters: ``learning_rate, b1, b2, eps, eps_root, weight_decay``.
   ``stop_gradient_denominator``: as in :func:`adam`.
 
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    b1: :math:`\beta_1`, the decay of the first moment (the momentum). Differentiable
+      hyperparameter.
+    b2: :math:`\beta_2`, the decay of the second moment. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the denominator outside the square root. Differentiable
+      hyperparameter.
+    eps_root: :math:`\epsilon_{root}`, added inside the square root. Differentiable hyperparameter.
+    mu_dtype: optional dtype of the first moment (``None``: that of the params).
+    weight_decay: :math:`\lambda`, the decoupled weight decay (multiplied by the learning rate, as
+      in optax). Differentiable hyperparameter.
+    mask: a pytree (or prefix) of booleans, or a callable ``params -> such pytree``: only ``True``
+      leaves are decayed. ``None``: all.
+    nesterov: whether to use Nesterov momentum (as :func:`nadam`).
+    stop_gradient_denominator: treat the denominator as a constant in derivatives: the same
+      trajectory, an approximate (not exact) meta-gradient.
+
   References:
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
@@ -209,6 +242,22 @@ def rmsprop(
   followed by momentum :math:`\mu` if given. Hyperparameters:
   ``learning_rate, decay, eps`` and ``momentum`` if not ``None``.
 
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    decay: :math:`\rho`, the decay of the second moment. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, the stabilising constant (inside the square root by default).
+      Differentiable hyperparameter.
+    initial_scale: initial value of :math:`v` (used by ``init`` only, so not a hyperparameter of
+      ``update``).
+    eps_in_sqrt: whether ``eps`` goes inside the square root (optax's default) or outside.
+    centered: whether to subtract the squared mean of the gradients (centred RMSProp,
+      :func:`scale_by_stddev`).
+    momentum: :math:`\mu`, the decay of a momentum applied after the rescaling, or ``None`` for
+      none. Differentiable hyperparameter.
+    nesterov: whether that momentum is Nesterov's.
+    bias_correction: whether to debias :math:`v` as in Adam.
+
   References:
     Hinton, `Overview of mini-batch gradient descent
     <www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
@@ -246,6 +295,19 @@ def lion(
   a pytree matching params. The sign has derivative 0, so the exact
   meta-gradient reaches the trajectory through ``learning_rate`` and
   ``weight_decay`` (and the initial parameters), not through ``b1, b2``.
+
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    b1: :math:`\beta_1`, the interpolation between momentum and gradient inside the sign.
+      Differentiable hyperparameter, but the sign has derivative 0 (see above).
+    b2: :math:`\beta_2`, the decay of the momentum :math:`m_t`. Differentiable hyperparameter,
+      reaching the update only through the sign (derivative 0).
+    mu_dtype: optional dtype of the first moment (``None``: that of the params).
+    weight_decay: :math:`\lambda`, the decoupled weight decay, added after the sign (multiplied by
+      the learning rate, as in optax). Differentiable hyperparameter.
+    mask: a pytree (or prefix) of booleans, or a callable ``params -> such pytree``: only ``True``
+      leaves are decayed. ``None``: all.
 
   Examples:
     >>> import jax.numpy as jnp, mixflow_optax as mfo
@@ -289,6 +351,19 @@ def nadam(
   with :math:`m_t, v_t` as in :func:`adam`. Hyperparameters:
   ``learning_rate, b1, b2, eps, eps_root``.
 
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    b1: :math:`\beta_1`, the decay of the first moment (the momentum). Differentiable
+      hyperparameter.
+    b2: :math:`\beta_2`, the decay of the second moment. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the denominator outside the square root. Differentiable
+      hyperparameter.
+    eps_root: :math:`\epsilon_{root}`, added inside the square root. Differentiable hyperparameter.
+    mu_dtype: optional dtype of the first moment (``None``: that of the params).
+    stop_gradient_denominator: treat the denominator as a constant in derivatives: the same
+      trajectory, an approximate (not exact) meta-gradient.
+
   Examples:
     >>> import mixflow_optax as mfo
     >>> opt = mfo.transforms.nadam(1e-3, stop_gradient_denominator=True)
@@ -328,6 +403,23 @@ def nadamw(
   .. math:: u_t = -\alpha\,\big(\mathrm{nadam}_t(g) + \lambda\,\theta_t\big)
 
   Hyperparameters: ``learning_rate, b1, b2, eps, eps_root, weight_decay``.
+
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    b1: :math:`\beta_1`, the decay of the first moment (the momentum). Differentiable
+      hyperparameter.
+    b2: :math:`\beta_2`, the decay of the second moment. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the denominator outside the square root. Differentiable
+      hyperparameter.
+    eps_root: :math:`\epsilon_{root}`, added inside the square root. Differentiable hyperparameter.
+    mu_dtype: optional dtype of the first moment (``None``: that of the params).
+    weight_decay: :math:`\lambda`, the decoupled weight decay (multiplied by the learning rate, as
+      in optax). Differentiable hyperparameter.
+    mask: a pytree (or prefix) of booleans, or a callable ``params -> such pytree``: only ``True``
+      leaves are decayed. ``None``: all.
+    stop_gradient_denominator: treat the denominator as a constant in derivatives: the same
+      trajectory, an approximate (not exact) meta-gradient.
 
   References:
     Dozat, `Incorporating Nesterov Momentum into Adam
@@ -369,6 +461,21 @@ def adabelief(
     u_t = -\alpha\,\frac{m_t/(1-\beta_1^t)}{\sqrt{s_t/(1-\beta_2^t)} + \epsilon}
 
   Hyperparameters: ``learning_rate, b1, b2, eps, eps_root``.
+
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    b1: :math:`\beta_1`, the decay of the first moment (the momentum). Differentiable
+      hyperparameter.
+    b2: :math:`\beta_2`, the decay of the belief :math:`s_t` (the variance of the gradient around
+      its mean). Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the denominator outside the square root. Differentiable
+      hyperparameter.
+    eps_root: :math:`\bar\epsilon`, added to :math:`s_t` at every step (AdaBelief's own term, not
+      only a safeguard). Differentiable hyperparameter.
+    nesterov: whether to use Nesterov momentum.
+    stop_gradient_denominator: treat the denominator as a constant in derivatives: the same
+      trajectory, an approximate (not exact) meta-gradient.
 
   Examples:
     >>> import jax.numpy as jnp, mixflow_optax as mfo
@@ -419,6 +526,21 @@ def amsgrad(
   with :math:`\hat m_t, \hat v_t` Adam's (bias-corrected) moments.
   Hyperparameters: ``learning_rate, b1, b2, eps, eps_root``.
 
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    b1: :math:`\beta_1`, the decay of the first moment (the momentum). Differentiable
+      hyperparameter.
+    b2: :math:`\beta_2`, the decay of the second moment. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the denominator outside the square root. Differentiable
+      hyperparameter.
+    eps_root: :math:`\epsilon_{root}`, added inside the square root. Differentiable hyperparameter.
+    mu_dtype: optional dtype of the first moment (``None``: that of the params).
+    bias_correction_mu: whether to debias the first moment.
+    bias_correction_nu: whether to debias the second moment before the maximum.
+    stop_gradient_denominator: treat the denominator as a constant in derivatives: the same
+      trajectory, an approximate (not exact) meta-gradient.
+
   Examples:
     >>> import mixflow_optax as mfo
     >>> sorted(mfo.transforms.amsgrad(1e-3).hyperparams)
@@ -456,6 +578,13 @@ def adagrad(
 
   Hyperparameters: ``learning_rate, eps`` (``initial_accumulator_value``
   only sets :math:`G_0` in ``init``).
+
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    initial_accumulator_value: :math:`G_0`, the initial sum of squared gradients (used by ``init``
+      only, so not a hyperparameter of ``update``).
+    eps: :math:`\epsilon`, added inside the square root. Differentiable hyperparameter.
 
   Examples:
     >>> import mixflow_optax as mfo
@@ -499,6 +628,31 @@ def adafactor(
   ``clipping_threshold, learning_rate, momentum, weight_decay_rate``. The
   integers ``min_dim_size_to_factor`` and ``decay_offset`` decide shapes and
   the step schedule and are not hyperparameters.
+
+  Args:
+    learning_rate: :math:`\alpha`, a scalar, pytree or schedule, or ``None`` for no learning rate
+      (the update is then the rescaled gradient). Differentiable hyperparameter if given. Its
+      natural scale differs from Adam's (about 1e-2).
+    min_dim_size_to_factor: factor the second moments of a matrix only if its two largest axes are
+      at least this large (an integer, not a hyperparameter).
+    decay_rate: :math:`d`, the exponent of the second-moment decay schedule :math:`1 - (t+1)^{-d}`.
+      Differentiable hyperparameter.
+    decay_offset: subtracted from the step count in that schedule, e.g. the first step of a
+      fine-tuning phase (an integer, not a hyperparameter).
+    multiply_by_parameter_scale: whether to scale the learning rate by the RMS of the parameters (at
+      least 1e-3); if ``False`` the learning rate is an absolute step size.
+    clipping_threshold: the update-clipping threshold :math:`c` of :func:`clip_by_block_rms`, or
+      ``None`` for no clipping. Differentiable hyperparameter if given.
+    momentum: the decay of a momentum of the updates, or ``None`` for none (it costs a buffer the
+      size of the params). Differentiable hyperparameter if given.
+    dtype_momentum: dtype of the momentum buffer.
+    weight_decay_rate: the decoupled weight decay, or ``None`` for none. Differentiable
+      hyperparameter if given.
+    eps: added to the squared gradients (regularises the second moments). Differentiable
+      hyperparameter.
+    factored: whether to factor the second moments of matrices (else full second moments).
+    weight_decay_mask: a pytree (or prefix) of booleans, or a callable ``params -> such pytree``:
+      only ``True`` leaves are decayed. ``None``: all.
 
   Examples:
     >>> import mixflow_optax as mfo
@@ -573,6 +727,22 @@ def lamb(
   Hyperparameters: ``learning_rate, b1, b2, eps, eps_root, weight_decay``.
   Per-tensor norms are differentiated exactly and finitely, also for tensors
   whose update or parameters are exactly zero (see :func:`scale_by_trust_ratio`).
+
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    b1: :math:`\beta_1`, the decay of the first moment (the momentum). Differentiable
+      hyperparameter.
+    b2: :math:`\beta_2`, the decay of the second moment. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the denominator outside the square root. Differentiable
+      hyperparameter.
+    eps_root: :math:`\epsilon_{root}`, added inside the square root. Differentiable hyperparameter.
+    weight_decay: :math:`\lambda`, added to the Adam update before the trust ratio. Differentiable
+      hyperparameter.
+    mask: a pytree (or prefix) of booleans, or a callable ``params -> such pytree``: only ``True``
+      leaves are decayed. ``None``: all.
+    stop_gradient_denominator: treat the denominator as a constant in derivatives: the same
+      trajectory, an approximate (not exact) meta-gradient.
 
   Examples:
     >>> import mixflow_optax as mfo

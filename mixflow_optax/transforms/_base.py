@@ -84,7 +84,7 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
 
   @property
   def hyperparams(self) -> dict[str, Any]:
-    """Hyperparameter name -> default value (a fresh dict: editing it changes nothing)."""
+    """Each hyperparameter's default, by name, in a fresh dict (editing it changes nothing)."""
     return dict(self.__dict__.get("_hyperparams", {}))
 
   @classmethod
@@ -251,6 +251,11 @@ def leaf_results(fn: Callable[..., Any], updates: Any, *cols: Any) -> list[Any]:
   ``fn`` returns several values per leaf (the update and new state entries);
   :func:`map_leaves` when it returns one.
 
+  Args:
+    fn: ``fn(leaf, *column_leaves)``, called once per leaf of ``updates``.
+    updates: the pytree whose leaves are iterated.
+    *cols: per-leaf columns: :class:`PerLeaf` lists or pytrees shaped like ``updates``.
+
   Returns:
     A list, one ``fn(leaf, *column_leaves)`` per leaf of ``updates``.
 
@@ -269,7 +274,12 @@ def leaf_results(fn: Callable[..., Any], updates: Any, *cols: Any) -> list[Any]:
 
 
 def map_leaves(fn: Callable[..., Any], updates: Any, *cols: Any) -> Any:
-  """``jax.tree.map`` over ``updates`` and per-leaf columns: the result has the tree of ``updates``.
+  """:func:`jax.tree.map` over ``updates`` and per-leaf columns, into the tree of ``updates``.
+
+  Args:
+    fn: ``fn(leaf, *column_leaves) -> new leaf``.
+    updates: the pytree whose structure the result has.
+    *cols: per-leaf columns: :class:`PerLeaf` lists or pytrees shaped like ``updates``.
 
   Examples:
     >>> import jax.numpy as jnp, mixflow_optax as mfo
@@ -344,13 +354,17 @@ def _chain_from(
 def chain(*transforms: optax.GradientTransformation) -> ReparamTransformation:
   """Chains mixflow_optax and stock optax transforms, like :func:`optax.chain`.
 
-  The state is a tuple of the members' states, exactly as in ``optax.chain``.
+  The state is a tuple of the members' states, exactly as in :func:`optax.chain`.
   Hyperparameters are exposed under the members' own names in one flat dict
   (e.g. ``chain(optax.clip_by_global_norm(1.0), adam(1e-3)).hyperparams`` has
   ``learning_rate``, ``b1``, ...). Stock optax members have none and are
   applied as they are (their internals are still differentiated exactly by
   autodiff). Two members with the same hyperparameter name are an error: use
   :func:`named_chain` to namespace them.
+
+  Args:
+    *transforms: mixflow_optax transforms (whose hyperparameters are exposed) and stock optax
+      transforms, applied in order.
 
   Examples:
     >>> import optax, mixflow_optax as mfo
@@ -369,6 +383,10 @@ def named_chain(
 
   Like :func:`optax.named_chain`, but the state is a tuple like
   :func:`chain`. Use it when two members share a hyperparameter name.
+
+  Args:
+    *named: ``(name, transform)`` pairs, applied in order; ``name`` prefixes the transform's
+      hyperparameters.
 
   Examples:
     >>> import mixflow_optax as mfo
@@ -392,7 +410,12 @@ def named_chain(
 def rename_hyperparams(
   t: ReparamTransformation, mapping: Mapping[str, str]
 ) -> ReparamTransformation:
-  """Exposes some of ``t``'s hyperparameters under other names."""
+  """Exposes some of ``t``'s hyperparameters under other names.
+
+  Args:
+    t: the transform.
+    mapping: ``{old_name: new_name}``; names not in it keep their names.
+  """
   inverse = {new: old for old, new in mapping.items()}
   defaults = {mapping.get(k, k): v for k, v in t.hyperparams.items()}
 

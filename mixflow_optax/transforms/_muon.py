@@ -96,6 +96,19 @@ def scale_by_muon(
   loop length, not a hyperparameter. ``beta`` may be per parameter or per
   element; ``eps`` one scalar per matrix.
 
+  Args:
+    ns_coeffs: the coefficients :math:`(a, b, c)` of the Newton-Schulz iteration.
+    ns_steps: the number of Newton-Schulz iterations :math:`k` (not a hyperparameter).
+    beta: :math:`\beta`, the decay of the momentum. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the Frobenius norm. Differentiable hyperparameter.
+    mu_dtype: optional dtype of the first moment (``None``: that of the params).
+    nesterov: whether to use Nesterov momentum.
+    adaptive: whether to scale the updates by the dual norm of the original updates.
+    preconditioning: the rescaling before Newton-Schulz: ``'frobenius'`` (default), ``'spectral'``,
+      ``'aol'`` or ``'schatten'``, as in optax.
+    weight_dimension_numbers: how to reshape each parameter into a matrix (optax's
+      ``MuonDimensionNumbers``); ``None``: parameters are matrices.
+
   References:
     Jordan, `modded-nanogpt: Speedrunning the NanoGPT baseline
     <https://github.com/KellerJordan/modded-nanogpt>`_, 2024.
@@ -196,7 +209,7 @@ def muon(
           + \lambda\,\theta_t\big)
 
   for 2-D parameters (or those given by ``muon_weight_dimension_numbers``),
-  with the width scale :math:`s` of :func:`optax.contrib.scale_by_shape`;
+  with the width scale :math:`s` of ``optax.contrib.scale_by_shape``;
   :func:`adamw` for the rest. The state tree is optax's (an
   ``optax.transforms.PartitionState``).
 
@@ -204,6 +217,39 @@ def muon(
   adam_b2, adam_eps_root, adam_weight_decay`` and ``adam_learning_rate`` if
   given (otherwise ``learning_rate`` drives both parts, as in optax; ``eps``
   is shared too).
+
+  Args:
+    learning_rate: :math:`\alpha`: a scalar, a pytree matching params (per-parameter rates) or an
+      :class:`optax.Schedule` ``count -> rate``. Differentiable hyperparameter.
+    ns_coeffs: the coefficients :math:`(a, b, c)` of the Newton-Schulz iteration (a tuple, or a
+      tuple of tuples, one per iteration, as in optax; kept in the state).
+    ns_steps: the number of Newton-Schulz iterations :math:`k` (a loop length, not a
+      hyperparameter).
+    beta: :math:`\beta`, the decay of the momentum of the matrices. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, added to the norm before Newton-Schulz (and Adam's :math:`\epsilon` for
+      the other parameters). Differentiable hyperparameter.
+    weight_decay: :math:`\lambda`, the decoupled weight decay of the matrices (multiplied by the
+      learning rate). Differentiable hyperparameter.
+    weight_decay_mask: a pytree (or prefix) of booleans, or a callable ``params -> such pytree``:
+      only ``True`` leaves are decayed. ``None``: all.
+    mu_dtype: optional dtype of the first moment (``None``: that of the params).
+    nesterov: whether to use Nesterov momentum.
+    adaptive: whether to scale the updates by the dual norm of the original updates (Bernstein &
+      Newhouse).
+    preconditioning: the rescaling before Newton-Schulz, as in optax: ``'frobenius'`` (default),
+      ``'spectral'``, ``'aol'`` or ``'schatten'``.
+    adam_b1: :math:`\beta_1` of the Adam of the other parameters. Differentiable hyperparameter.
+    adam_b2: :math:`\beta_2` of the Adam of the other parameters. Differentiable hyperparameter.
+    adam_eps_root: :math:`\epsilon_{root}` of the Adam of the other parameters. Differentiable
+      hyperparameter.
+    adam_weight_decay: the weight decay of the other parameters. Differentiable hyperparameter.
+    adam_learning_rate: the learning rate of the other parameters, or ``None`` for
+      ``learning_rate``. Differentiable hyperparameter if given.
+    muon_weight_dimension_numbers: which parameters are matrices and how to reshape them (optax's
+      ``MuonDimensionNumbers`` tree, or a callable of the params); ``None``: every 2-D parameter.
+    consistent_rms: if given, scale the updates to this RMS times :math:`\sqrt{\max(\text{fan\_in},
+      \text{fan\_out})}` (0.2 matches AdamW) instead of the width scale; a constant, not a
+      hyperparameter.
 
   Examples:
     >>> import mixflow_optax as mfo

@@ -149,12 +149,12 @@ def reparameterize(
   :mod:`mixflow_optax.transforms` are exact and finite there.
 
   A factory that uses a numeric argument in Python control flow or in a shape
-  (``optax.adafactor``'s ``min_dim_size_to_factor``) cannot take a traced
+  (:func:`optax.adafactor`'s ``min_dim_size_to_factor``) cannot take a traced
   value: ``init`` detects this and names the argument, to be passed in
   ``static_args``.
 
   Args:
-    inner_factory: an optax optimizer factory, e.g. ``optax.yogi``.
+    inner_factory: an optax optimizer factory, e.g. :func:`optax.yogi`.
     static_args: names of numeric arguments to keep static (not
       hyperparameters).
 

@@ -67,6 +67,9 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
   by :math:`\hat m = 0`, and :math:`\hat v` itself has zero tangent there
   (it is a sum of squares). Treating the tangent of :math:`\sqrt{x}` at
   :math:`x = 0` as 0 gives that exact limit; forward values are unchanged.
+
+  Args:
+    x: a non-negative array.
   """
   return jnp.sqrt(x)
 
@@ -141,8 +144,8 @@ def scale_by_learning_rate(
     flip_sign: whether to negate (descent), as in optax.
 
   Returns:
-    A :class:`ReparamTransformation`. Its state is ``optax.EmptyState`` for a
-    fixed rate and ``optax.ScaleByScheduleState`` for a schedule, as in optax.
+    A :class:`ReparamTransformation`. Its state is :class:`optax.EmptyState` for a
+    fixed rate and :class:`optax.ScaleByScheduleState` for a schedule, as in optax.
   """
   owner = _owner("scale_by_learning_rate")
   defaults = {"learning_rate": learning_rate}
@@ -368,6 +371,13 @@ def scale_by_stddev(
     m_t = \rho m_{t-1} + (1-\rho) g_t, \quad
     v_t = \rho v_{t-1} + (1-\rho) g_t^2, \quad
     u_t = \frac{g_t}{\sqrt{v_t - m_t^2 + \epsilon}}.
+
+  Args:
+    decay: :math:`\rho`, the decay of both moments. Differentiable hyperparameter.
+    eps: :math:`\epsilon`, the stabilising constant. Differentiable hyperparameter.
+    initial_scale: initial value of :math:`v` (used by ``init`` only).
+    eps_in_sqrt: whether ``eps`` goes inside the square root (optax default).
+    bias_correction: whether to debias the moments as in Adam.
   """
   owner = _owner("scale_by_stddev")
   defaults = {"decay": decay, "eps": eps}
@@ -468,7 +478,7 @@ def clip_by_global_norm(max_norm: jax.typing.ArrayLike) -> ReparamTransformation
   Differentiated exactly: when clipping is active, the derivative includes
   the dependence of :math:`\|g_t\|` on :math:`g_t` (the clip coefficient is
   not treated as a constant). Unlike plain autodiff of
-  ``optax.clip_by_global_norm``, its derivative is finite when every gradient
+  :func:`optax.clip_by_global_norm`, its derivative is finite when every gradient
   entry is exactly zero.
 
   Args:

@@ -22,6 +22,7 @@ from mixflow_optax import _forward
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_positive_int,
   describe,
   first_non_array_leaf,
   first_non_float_leaf,
@@ -66,6 +67,17 @@ class MetaState(NamedTuple):
       :class:`~mixflow_optax.ForwardTangents` of ``params``, ``inner_state``
       and ``model_state`` with respect to ``meta_params`` (leading axis:
       meta-parameter elements), else None.
+    initial_params: with ``population_size`` and ``reset_every`` (without
+      ``init_params_fn``), the members' starting params given to ``init``
+      (leading axis P), which a member is reset to; else None.
+    initial_model_state: the same for the model state (with
+      ``has_model_state``), else None.
+    member_age: with ``population_size``, each member's number of inner steps
+      since its last reset (int32, shape ``(P,)``), else None.
+
+  With ``population_size=P``, ``params``, ``inner_state`` and ``model_state``
+  have a leading member axis P (and ``outer_state`` too with
+  ``outer_per_member=True``).
   """
 
   meta_params: Any
@@ -75,6 +87,9 @@ class MetaState(NamedTuple):
   count: jax.Array
   model_state: Any = None
   tangents: Any = None
+  initial_params: Any = None
+  initial_model_state: Any = None
+  member_age: Any = None
 
 
 class MetaOptimizer(NamedTuple):
@@ -96,6 +111,54 @@ class _MetaSpec(NamedTuple):
   reset_inner: bool
   batched_tasks: bool
   forward: _forward.ForwardSpec | None = None
+  population: _PopulationSpec | None = None
+
+
+class _PopulationSpec(NamedTuple):
+  """The population options of a meta-optimizer, checked once by :func:`_population_spec`."""
+
+  size: int
+  reset_every: int | None
+  outer_per_member: bool
+
+
+def _population_spec(
+  population_size: Any,
+  reset_every: Any,
+  outer_per_member: Any,
+  *,
+  batched_tasks: Any,
+  reset_inner: Any,
+  carry_tangents: Any,
+) -> _PopulationSpec | None:
+  check_bool(_OWNER, "outer_per_member", outer_per_member)
+  if population_size is None:
+    if reset_every is not None or outer_per_member:
+      raise ValueError(
+        "reset_every and outer_per_member are options of a population of inner "
+        "learners: pass population_size=P too."
+      )
+    return None
+  size = check_positive_int(_OWNER, "population_size", population_size)
+  if reset_every is not None:
+    reset_every = check_positive_int(_OWNER, "reset_every", reset_every)
+  if batched_tasks is True:
+    raise ValueError(
+      "population_size and batched_tasks=True are alternatives: batched tasks restart "
+      "from one starting point every step, population members carry their own params "
+      "and inner states. Drop one of them."
+    )
+  if reset_inner is True:
+    raise ValueError(
+      "with population_size, members are reset on a schedule: reset_every=1 restarts "
+      "every member after every step (what reset_inner=True would mean). Drop reset_inner."
+    )
+  if carry_tangents is True:
+    raise ValueError(
+      "carry_tangents=True is not supported with population_size: use mode='forward' "
+      "without carried tangents, or a reverse mode."
+    )
+  return _PopulationSpec(size, reset_every, bool(outer_per_member))
 
 
 def _check_meta_options(
@@ -175,6 +238,8 @@ def _init(
   _check_meta_params(meta_params)
   _check_init_args(meta, params, model_state)
   meta_params, params, model_state = _copy_arrays((meta_params, params, model_state))
+  if meta.population is not None:
+    return _init_population(meta, meta_params, params, model_state)
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
   check_params(params)
@@ -187,6 +252,51 @@ def _init(
     count=jnp.zeros([], jnp.int32),
     model_state=model_state,
     tangents=_forward.initial_tangents(meta.forward, meta_params, params, inner_state, model_state),
+  )
+
+
+def _check_member_axis(size: int, name: str, tree: Any, hint: str) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] != size:
+      raise ValueError(
+        f"population_size={size}: every leaf of {name} needs a leading member axis of "
+        f"length {size}, but {name}{jax.tree_util.keystr(path)} has shape {shape}. {hint}"
+      )
+
+
+def _broadcast_members(tree: Any, size: int) -> Any:
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (size,) + jnp.shape(x)), tree)
+
+
+def _init_population(meta: _MetaSpec, meta_params: Any, params: Any, model_state: Any) -> MetaState:
+  """The state of P members, each with its own params and inner state (leading axis P)."""
+  pop = meta.population
+  hint = (
+    "Stack one per member, e.g. jax.vmap(init_fn)(jax.random.split(key, P)), or repeat "
+    "one: jax.tree.map(lambda x: jnp.broadcast_to(x, (P,) + x.shape), tree)."
+  )
+  if meta.init_params_fn is not None:
+    params = _broadcast_members(meta.init_params_fn(meta_params), pop.size)
+  _check_member_axis(pop.size, "params", params, hint)
+  _check_member_axis(pop.size, "model_state", model_state, hint)
+  check_params(params)
+  outer_state = meta.outer_opt.init(meta_params)
+  if pop.outer_per_member:
+    outer_state = _broadcast_members(outer_state, pop.size)
+  resets = pop.reset_every is not None
+  keep_params = resets and meta.init_params_fn is None
+  return MetaState(
+    meta_params=meta_params,
+    params=params,
+    inner_state=jax.vmap(meta.spec.inner_opt.init)(params),
+    outer_state=_copy_arrays(outer_state),
+    count=jnp.zeros([], jnp.int32),
+    model_state=model_state,
+    # Copies: one buffer may not appear twice in a donated state.
+    initial_params=_copy_arrays(params) if keep_params else None,
+    initial_model_state=_copy_arrays(model_state) if resets else None,
+    member_age=jnp.zeros([pop.size], jnp.int32),
   )
 
 
@@ -263,7 +373,7 @@ def _task_loss(
 
   ``step_offset`` is the index of the first inner step (per-step hyperparameters).
   """
-  if meta.init_params_fn is not None:
+  if meta.init_params_fn is not None and meta.population is None:
     params = meta.init_params_fn(meta_params)
     inner_state = _init_inner_state(meta, params)
   result = meta.run(meta_params, params, inner_state, inner_batches, model_state, step_offset)
@@ -353,8 +463,108 @@ def _check_meta_grads_finite(meta: _MetaSpec, grads: Any) -> None:
     )
 
 
+def _due_for_reset(pop: _PopulationSpec, count: jax.Array) -> jax.Array:
+  """Members reset after meta-step ``count``: staggered, member i when (count + iK/P) % K == 0."""
+  offsets = (jnp.arange(pop.size, dtype=jnp.int32) * pop.reset_every) // pop.size
+  return (count + offsets) % pop.reset_every == 0
+
+
+def _reset_members(
+  meta: _MetaSpec, state: MetaState, meta_params: Any, result: UnrollResult, count: jax.Array
+) -> tuple:
+  """``(params, inner_state, model_state, member_age)`` the next step starts from."""
+  age = state.member_age + jnp.shape(result.losses)[-1]
+  pop = meta.population
+  if pop.reset_every is None:
+    return result.params, result.opt_state, result.model_state, age
+  due = _due_for_reset(pop, count)
+  if meta.init_params_fn is not None:
+    fresh = _broadcast_members(meta.init_params_fn(meta_params), pop.size)
+  else:
+    fresh = state.initial_params
+
+  def pick(fresh_tree, carried_tree):
+    return jax.tree.map(
+      lambda a, b: jnp.where(due.reshape((-1,) + (1,) * (jnp.ndim(b) - 1)), a, b),
+      fresh_tree,
+      carried_tree,
+    )
+
+  fresh_inner = jax.vmap(meta.spec.inner_opt.init)(fresh)
+  model_state = pick(state.initial_model_state, result.model_state)
+  return (
+    pick(fresh, result.params),
+    pick(fresh_inner, result.opt_state),
+    model_state,
+    jnp.where(due, 0, age),
+  )
+
+
+def _population_step(
+  meta: _MetaSpec, state: MetaState, inner_batches: Any, outer_batch: Any
+) -> tuple:
+  """One meta-step of P members (vmapped); the meta-update is the mean over members."""
+  pop = meta.population
+  hint = "Stack the members' batches: inner_batches (P, T, ...), outer_batch (P, ...)."
+  _check_member_axis(pop.size, "inner_batches", inner_batches, hint)
+  _check_member_axis(pop.size, "outer_batch", outer_batch, hint)
+  per_member = jax.vmap(_value_and_grad_fn(meta), in_axes=(None, 0, 0, 0, 0, 0, 0))
+  (values, result), member_grads = per_member(
+    state.meta_params,
+    state.params,
+    state.inner_state,
+    state.model_state,
+    inner_batches,
+    outer_batch,
+    state.member_age,
+  )
+
+  def mean(tree):
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+  grads = mean(member_grads)
+  if pop.outer_per_member:
+    # Each member's meta-gradient through its own outer state (e.g. its own Adam
+    # normalisation); the applied update is the members' mean (DiscoRL).
+    update = jax.vmap(lambda g, s: _outer_update(meta, g, s, state.meta_params))
+    member_updates, outer_state = update(member_grads, state.outer_state)
+    updates = mean(member_updates)
+  else:
+    updates, outer_state = _outer_update(meta, grads, state.outer_state, state.meta_params)
+  _check_meta_grads_finite(meta, grads)
+  meta_params = optax.apply_updates(state.meta_params, updates)
+  count = optax.safe_increment(state.count)
+  params, inner_state, model_state, age = _reset_members(meta, state, meta_params, result, count)
+  metrics = {
+    "outer_loss": jnp.mean(values),
+    "member_outer_loss": values,
+    "inner_losses": result.losses,
+    "member_age": state.member_age,
+    "meta_grad_norm": optax.tree.norm(grads),
+  }
+  if meta.spec.hyperparams_fn is not None:
+    num_steps = jnp.shape(result.losses)[-1]
+    applied = functools.partial(_applied_hyperparams, meta, state.meta_params)
+    if meta.spec.hyperparams_per_step:
+      metrics["hyperparams"] = jax.vmap(lambda a: applied(a, num_steps))(state.member_age)
+    else:
+      metrics["hyperparams"] = applied(state.member_age[0], num_steps)
+  new_state = state._replace(
+    meta_params=meta_params,
+    params=params,
+    inner_state=inner_state,
+    outer_state=outer_state,
+    count=count,
+    model_state=model_state,
+    member_age=age,
+  )
+  return new_state, metrics
+
+
 def _step(meta: _MetaSpec, state: MetaState, inner_batches: Any, outer_batch: Any) -> tuple:
   _check_state(meta, state)
+  if meta.population is not None:
+    return _population_step(meta, state, inner_batches, outer_batch)
   offset = _step_offset(meta, state, inner_batches)
   value, result, grads, tangents = _meta_value_and_grad(
     meta, state, inner_batches, outer_batch, offset
@@ -423,6 +633,9 @@ def meta_optimizer(
   max_forward_elements: int = _forward.DEFAULT_MAX_FORWARD_ELEMENTS,
   offload_carries: bool = False,
   hyperparams_per_step: bool = False,
+  population_size: int | None = None,
+  reset_every: int | None = None,
+  outer_per_member: bool = False,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -499,7 +712,27 @@ def meta_optimizer(
       step)`` is called inside every inner step with ``step`` the int32 index
       of the inner step counted from the start of the inner run: online,
       ``state.count * T + t`` (inner steps since ``init``); with
-      ``reset_inner`` or ``init_params_fn``, ``t`` in :math:`[0, T)`.
+      ``reset_inner`` or ``init_params_fn``, ``t`` in :math:`[0, T)`; in a
+      population, each member's age (inner steps since its last reset).
+    population_size: P inner learners that carry their own params, inner
+      state (and model state) from step to step, as in DataRater and DiscoRL:
+      ``init`` takes params with a leading member axis P (e.g.
+      ``jax.vmap(init_fn)(keys)``; with ``init_params_fn``, every member
+      starts from ``init_params_fn(meta_params)``), ``inner_batches`` leaves
+      have shape ``(P, T, ...)`` and ``outer_batch`` leaves ``(P, ...)``. The
+      members run vmapped (the member axis can be sharded over devices) and
+      the meta-gradient is their mean. Not with ``batched_tasks``.
+    reset_every: with a population, reset member :math:`i` after every
+      meta-step whose new count :math:`c` satisfies :math:`(c + \lfloor
+      iK/P \rfloor) \bmod K = 0` (:math:`K` = ``reset_every``): to its
+      params given to ``init`` (or ``init_params_fn(meta_params)``), its
+      model state given to ``init`` and a fresh inner state. Staggered: at
+      most :math:`\lceil P/K \rceil` members reset per step, so the
+      population always holds learners of every age.
+    outer_per_member: with a population, keep one ``outer_opt`` state per
+      member (leading axis P): each member's meta-gradient is transformed by
+      its own state (e.g. its own Adam normalisation) and the applied update
+      is the mean of the members' updates (as in DiscoRL).
 
   Returns:
     A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
@@ -511,7 +744,11 @@ def meta_optimizer(
     ``(tasks, T)``), ``meta_grad_norm`` and, with ``hyperparams_fn``,
     ``hyperparams``: the hyperparameters the inner optimizer used in this
     step, ``hyperparams_fn(meta_params)`` before the outer update (with
-    ``hyperparams_per_step``, stacked over the T inner steps).
+    ``hyperparams_per_step``, stacked over the T inner steps). With a
+    population: ``outer_loss`` is the members' mean, ``member_outer_loss``
+    has shape ``(P,)``, ``inner_losses`` ``(P, T)``, ``member_age`` ``(P,)``
+    (the members' ages at the start of the step) and per-step
+    ``hyperparams`` a leading member axis.
 
   Examples:
     Learn RMSProp's learning rate online (optax's meta-learning tutorial):
@@ -527,6 +764,14 @@ def meta_optimizer(
     >>> sorted(metrics)
     ['hyperparams', 'inner_losses', 'meta_grad_norm', 'outer_loss']
   """
+  population = _population_spec(
+    population_size,
+    reset_every,
+    outer_per_member,
+    batched_tasks=batched_tasks,
+    reset_inner=reset_inner,
+    carry_tangents=carry_tangents,
+  )
   _check_meta_options(outer_opt, reset_inner, init_params_fn, batched_tasks)
   forward = _forward.forward_spec(
     mode,
@@ -558,7 +803,15 @@ def meta_optimizer(
     hyperparams_per_step=hyperparams_per_step,
   )
   meta = _MetaSpec(
-    spec, make_run(spec), outer_loss, outer_opt, init_params_fn, reset_inner, batched_tasks, forward
+    spec,
+    make_run(spec),
+    outer_loss,
+    outer_opt,
+    init_params_fn,
+    reset_inner,
+    batched_tasks,
+    forward,
+    population,
   )
   step = _checked_step(meta) if check_finite else functools.partial(_step, meta)
   return MetaOptimizer(init=functools.partial(_init, meta), step=step)

@@ -193,6 +193,11 @@ def _progress_bar(num_steps: int, progress: bool) -> Any:
   return tqdm(total=num_steps, desc="meta_train")
 
 
+def _host_copy(tree: Any) -> Any:
+  # np.array copies: on CPU, device_get may return views of buffers a donated step reuses.
+  return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
 def _stack(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   rows = jax.device_get(rows)
   keys = list(rows[0]) if rows else []
@@ -282,7 +287,7 @@ def meta_train(
       eval_steps.append(i)
       if best_value is None or better(values[best_metric], best_value):
         # A host copy: the next donated step deletes the device buffers.
-        best_state, best_step, best_value = jax.device_get(state), i, float(values[best_metric])
+        best_state, best_step, best_value = _host_copy(state), i, float(values[best_metric])
     if bar is not None:
       postfix = {"outer_loss": float(metrics["outer_loss"])}
       if best_value is not None:

@@ -189,6 +189,7 @@ class PrefixHyperparamsTest(helpers.F64TestCase):
   @parameterized.named_parameters(
     ("sgd", mfo.transforms.sgd(0.1, momentum=0.9)),
     ("adamw", mfo.transforms.adamw(0.1, weight_decay=0.1)),
+    ("muon", mfo.transforms.muon(0.1)),  # hyperparameters routed through optax.partition
   )
   def test_prefix_equals_full_tree(self, opt):
     params = self._params()

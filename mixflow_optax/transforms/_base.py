@@ -184,20 +184,23 @@ def _path_str(path: tuple) -> str:
   return "".join(f"[{k!r}]" for k in path) or "<root>"
 
 
-def _broadcast_prefix(name: str, value: Any, updates: Any, owner: str) -> list[Any]:
+def broadcast_prefix(
+  name: str, value: Any, updates: Any, owner: str, is_leaf: Callable[[Any], bool] | None = None
+) -> list[Any]:
   """One value per leaf of ``updates`` from a ``value`` tree that is a prefix of it.
 
   Matching is by path names (dict keys, attribute names, sequence indices), not
   by container types, so that a plain dict ``{"Dense_0": lr0, ...}`` is a prefix
   of an ``nnx.State`` (whose leaves sit under ``.../kernel/value``) as well as
-  of a dict of Linen parameters.
+  of a dict of Linen parameters. ``is_leaf`` flattens ``updates`` (e.g. to keep
+  ``optax.MaskedNode`` entries as leaves).
   """
   prefixes = [
     (tuple(map(_key_name, path)), v) for path, v in jax.tree_util.tree_leaves_with_path(value)
   ]
   used = [False] * len(prefixes)
   vals = []
-  for path, _ in jax.tree_util.tree_leaves_with_path(updates):
+  for path, _ in jax.tree_util.tree_leaves_with_path(updates, is_leaf=is_leaf):
     names = tuple(map(_key_name, path))
     match = [i for i, (prefix, _) in enumerate(prefixes) if names[: len(prefix)] == prefix]
     if not match:
@@ -277,7 +280,7 @@ def per_leaf(name: str, value: Any, updates: Any, owner: str) -> PerLeaf:
   elif vtree == treedef:
     vals = jax.tree.leaves(value)
   else:
-    vals = _broadcast_prefix(name, value, updates, owner)
+    vals = broadcast_prefix(name, value, updates, owner)
   out = []
   for path_leaf, v in zip(jax.tree_util.tree_leaves_with_path(updates), vals):
     path, leaf = path_leaf

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 
 import mixflow_optax as mfo
 
@@ -55,19 +55,20 @@ def _member(tree, i):
 
 
 class PopulationExactnessTest(helpers.F64TestCase):
-  def _single_steps(self, outer_opt, members, inner, outer, meta):
-    single = _meta_optimizer(outer_opt)
+  def _single_steps(self, outer_opt, members, inner, outer, meta, mode="mixflow"):
+    single = _meta_optimizer(outer_opt, mode=mode)
     step = jax.jit(single.step)
     return [
       step(single.init(meta, _member(members, i)), _member(inner, i), _member(outer, i))
       for i in range(P)
     ]
 
-  def test_meta_gradient_is_the_mean_of_the_members(self):
+  @parameterized.named_parameters(("mixflow", "mixflow"), ("forward", "forward"))
+  def test_meta_gradient_is_the_mean_of_the_members(self, mode):
     members, inner, outer, meta = _problem()
-    mo = _meta_optimizer(optax.sgd(1.0), population_size=P)
+    mo = _meta_optimizer(optax.sgd(1.0), population_size=P, mode=mode)
     state, metrics = jax.jit(mo.step)(mo.init(meta, members), inner, outer)
-    singles = self._single_steps(optax.sgd(1.0), members, inner, outer, meta)
+    singles = self._single_steps(optax.sgd(1.0), members, inner, outer, meta, mode)
     # sgd(1.0): meta - new meta is the meta-gradient.
     want = jax.tree.map(
       lambda *ms: jnp.mean(jnp.stack(ms), axis=0), *[s.meta_params for s, _ in singles]

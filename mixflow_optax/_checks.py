@@ -62,7 +62,7 @@ def check_bool(owner: str, name: str, value: Any) -> None:
 
 
 def _is_positive_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= 1
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and bool(x >= 1)
 
 
 def check_positive_int(owner: str, name: str, value: Any) -> int:
@@ -90,4 +90,5 @@ def check_finite_leaves(tree: Any, message: str, **fmt: jax.Array) -> None:
     if not is_float(leaf):
       continue
     where = jax.tree_util.keystr(path) or "<root>"
-    checkify.check(jnp.all(jnp.isfinite(leaf)), message.replace("{leaf}", where), **fmt)
+    # checkify.check's annotations make every keyword a bool (its `debug` flag).
+    checkify.check(jnp.all(jnp.isfinite(leaf)), message.replace("{leaf}", where), **fmt)  # type: ignore[arg-type]

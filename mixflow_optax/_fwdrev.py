@@ -419,7 +419,7 @@ class _Point(NamedTuple):
     return jax.tree.unflatten(self.treedef, self.substitute(*assignments))
 
   def cotangents(self, ct: list[jax.Array]) -> Any:
-    out = [None] * len(self.flat)
+    out: list[Any] = [None] * len(self.flat)
     for j, c in zip(self.diff_idx, ct):
       out[j] = c.astype(jnp.result_type(self.flat[j]))
     return jax.tree.unflatten(self.treedef, out)

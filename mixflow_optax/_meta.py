@@ -65,7 +65,7 @@ class MetaState(NamedTuple):
   params: Any
   inner_state: optax.OptState
   outer_state: optax.OptState
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
   model_state: Any = None
   tangents: Any = None
 
@@ -470,7 +470,7 @@ def meta_optimizer(
     inner_loss,
     inner_opt,
     hyperparams_fn=hyperparams_fn,
-    mode=mode,
+    mode=mode,  # type: ignore[arg-type]  # not "forward": replaced by "standard" above
     memory=memory,
     fallback=fallback,
     has_model_state=has_model_state,

@@ -60,7 +60,7 @@ class UnrollResult(NamedTuple):
 
   def as_tuple(self, has_model_state: bool, return_losses: bool) -> tuple:
     """The public return value of ``run``."""
-    out = (self.params, self.opt_state)
+    out: tuple[Any, ...] = (self.params, self.opt_state)
     if has_model_state:
       out += (self.model_state,)
     return (*out, self.losses) if return_losses else out
@@ -432,7 +432,8 @@ def _scan_steps(
     losses, flags = losses
     _check_forward_flags(flags)
     carry = _watch(carry, jnp.asarray(num_steps, jnp.int32), "final")
-  return UnrollResult(*carry, losses)
+  params, opt_state, model_state = carry
+  return UnrollResult(params, opt_state, model_state, losses)
 
 
 def make_run(spec: UnrollSpec) -> Callable[..., UnrollResult]:

@@ -39,7 +39,7 @@ from mixflow_optax._checks import (
   is_float,
   non_array_leaf_message,
 )
-from mixflow_optax._compat import (
+from mixflow_optax._jax_internals import (
   JAX_FORWARD_MODE_ERRORS,
   ForwardModeUnsupported,
   check_forward_mode_traceable,

@@ -27,9 +27,9 @@ from mixflow_optax._checks import (
   first_non_float_leaf,
   non_array_leaf_message,
 )
-from mixflow_optax._compat import is_tracer
 from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
+from mixflow_optax._jax_internals import is_tracer
 from mixflow_optax._placement import shard_like_params
 from mixflow_optax._unroll import UnrollResult, UnrollSpec, check_params, make_run, unroll_spec
 

@@ -33,7 +33,6 @@ from mixflow_optax._checks import (
   is_float,
   non_array_leaf_message,
 )
-from mixflow_optax._compat import is_differentiated_eagerly, is_forward_mode_traced
 from mixflow_optax._config import (
   INNER_GRAD_NAME,
   MemoryConfig,
@@ -42,6 +41,7 @@ from mixflow_optax._config import (
   memory_config,
 )
 from mixflow_optax._fwdrev import Fallback, _check_fallback, checked_loss, value_and_grad_fn
+from mixflow_optax._jax_internals import is_differentiated_eagerly, is_forward_mode_traced
 from mixflow_optax._placement import CARRY_NAME, carry_offload_policy, check_host_offload
 from mixflow_optax.transforms._base import ReparamTransformation
 

@@ -385,13 +385,13 @@ def _make_core(loss: _InnerLoss) -> Callable:
 
   def bwd(res, cts):
     values, markers = res
-    return (_rule_bwd(loss, _Point.of(values, markers, loss.argnums), cts),)
+    return (_rule_bwd(loss, _LinearizationPoint.of(values, markers, loss.argnums), cts),)
 
   core.defvjp(fwd, bwd, symbolic_zeros=True)
   return core
 
 
-class _Point(NamedTuple):
+class _LinearizationPoint(NamedTuple):
   """The rule's inputs as flat leaves, with the positions that take part."""
 
   flat: list[Any]
@@ -400,7 +400,7 @@ class _Point(NamedTuple):
   diff_idx: list[int]  # leaves that need a cotangent: perturbed, floating point
 
   @classmethod
-  def of(cls, values: Any, markers: tuple, argnums: tuple[int, ...]) -> _Point:
+  def of(cls, values: Any, markers: tuple, argnums: tuple[int, ...]) -> _LinearizationPoint:
     flat, treedef = jax.tree.flatten(values)
     offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in values[0]])
     theta_idx = [j for i in argnums for j in range(offsets[i], offsets[i + 1])]
@@ -425,7 +425,7 @@ class _Point(NamedTuple):
     return jax.tree.unflatten(self.treedef, out)
 
 
-def _rule_bwd(loss: _InnerLoss, point: _Point, cts: Any) -> Any:
+def _rule_bwd(loss: _InnerLoss, point: _LinearizationPoint, cts: Any) -> Any:
   r"""Cotangents of the inputs: HVP term + :math:`\bar v \nabla_z L` + aux term."""
   if not point.diff_idx:
     return None
@@ -453,7 +453,7 @@ def _rule_bwd(loss: _InnerLoss, point: _Point, cts: Any) -> Any:
 
 
 def _hvp_term(
-  loss: _InnerLoss, point: _Point, g_bar: list[jax.Array]
+  loss: _InnerLoss, point: _LinearizationPoint, g_bar: list[jax.Array]
 ) -> tuple[list[jax.Array], list[jax.Array] | None]:
   """``(hvp, grad_z L)`` by one forward-over-reverse pass; reverse-over-reverse on fallback."""
   theta0 = [point.flat[j] for j in point.theta_idx]
@@ -484,7 +484,9 @@ def _hvp_term(
     return reverse(), None
 
 
-def _reverse_term(loss: _InnerLoss, point: _Point, g_bar: list[jax.Array]) -> list[jax.Array]:
+def _reverse_term(
+  loss: _InnerLoss, point: _LinearizationPoint, g_bar: list[jax.Array]
+) -> list[jax.Array]:
   """The HVP term reverse-over-reverse: the gradient of <grad_theta L, g_bar>."""
 
   def gdot(d):
@@ -507,7 +509,7 @@ def _traces(fn: Callable) -> bool:
 
 
 def _first_order_term(
-  loss: _InnerLoss, point: _Point, v_bar: jax.Array | None, aux_bar: list[Any] | None
+  loss: _InnerLoss, point: _LinearizationPoint, v_bar: jax.Array | None, aux_bar: list[Any] | None
 ) -> list[jax.Array]:
   """The value's and aux's own cotangents: the gradient of ``v_bar L + <aux_bar, aux>``."""
 

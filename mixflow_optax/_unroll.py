@@ -205,7 +205,7 @@ _NOT_FUNCTIONALIZED = (
   "mfo.meta_optimizer(..., check_finite=True), whose step does it for you."
 )
 
-# Backward-pass messages of `_watch`, by term.
+# Backward-pass messages of `_check_finite_cotangent`, by term.
 _COTANGENT_MESSAGES = {
   "final": (
     "the cotangent of the final inner carry (params_T / opt_state_T) leaf {leaf} is "
@@ -237,23 +237,23 @@ _COTANGENT_MESSAGES = {
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _watch(x: Any, t: jax.Array, term: str) -> Any:
+def _check_finite_cotangent(x: Any, t: jax.Array, term: str) -> Any:
   """Identity whose backward pass checks that the cotangent of ``x`` is finite."""
   del t, term
   return x
 
 
-def _watch_fwd(x, t, term):
+def _check_finite_cotangent_fwd(x, t, term):
   del term
   return x, t
 
 
-def _watch_bwd(term, t, ct):
+def _check_finite_cotangent_bwd(term, t, ct):
   check_finite_leaves(ct, _COTANGENT_MESSAGES[term], t=t)
   return ct, None
 
 
-_watch.defvjp(_watch_fwd, _watch_bwd)
+_check_finite_cotangent.defvjp(_check_finite_cotangent_fwd, _check_finite_cotangent_bwd)
 
 
 def _finite_flags(tree: Any) -> Any:
@@ -379,12 +379,12 @@ def _make_step(
     if spec.memory.offload_carries:
       # The copy of the step's input that the backward pass keeps is this named one.
       carry = checkpoint_name(carry, CARRY_NAME)
-    carry = _watch(carry, t, "carry") if check else carry
+    carry = _check_finite_cotangent(carry, t, "carry") if check else carry
     params, opt_state, model_state = carry
     meta, hps = meta_params, hyperparams
     if check:
-      meta = _watch(meta, t, "meta")
-      hps = None if hps is None else _watch(hps, t, "hyperparams")
+      meta = _check_finite_cotangent(meta, t, "meta")
+      hps = None if hps is None else _check_finite_cotangent(hps, t, "hyperparams")
     if spec.has_model_state:
       (loss, new_model_state), grads = value_and_grad(params, meta, batch, model_state)
       _check_model_state(model_state, new_model_state)
@@ -395,7 +395,7 @@ def _make_step(
       grads = jax.lax.stop_gradient(grads)
     if check:
       grads_ok = _finite_flags(grads)
-      grads = _watch(grads, t, "grad")
+      grads = _check_finite_cotangent(grads, t, "grad")
     grads = checkpoint_name(grads, INNER_GRAD_NAME)
     extra = {} if hps is None else {"hyperparams": hps}
     updates, opt_state = spec.inner_opt.update(grads, opt_state, params, **extra)
@@ -431,7 +431,7 @@ def _scan_steps(
   if spec.check_finite:
     losses, flags = losses
     _check_forward_flags(flags)
-    carry = _watch(carry, jnp.asarray(num_steps, jnp.int32), "final")
+    carry = _check_finite_cotangent(carry, jnp.asarray(num_steps, jnp.int32), "final")
   params, opt_state, model_state = carry
   return UnrollResult(params, opt_state, model_state, losses)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -53,6 +53,23 @@ def first_non_float_leaf(tree: Any) -> tuple[str, Any] | None:
     if not is_float(leaf):
       return jax.tree_util.keystr(path) or "<root>", jnp.result_type(leaf)
   return None
+
+
+def check_float_tree(name: str, tree: Any, non_float_message: Callable[[str, Any], str]) -> None:
+  """Every leaf of ``tree`` must be a floating-point array: a TypeError names the first that is not.
+
+  Args:
+    name: what ``tree`` is, in the message for a non-array leaf (``"params"``).
+    tree: the pytree to check.
+    non_float_message: ``(path, dtype) -> message`` for an array leaf that is not floating
+      point; each caller words its own fix.
+  """
+  bad = first_non_array_leaf(tree)
+  if bad is not None:
+    raise TypeError(non_array_leaf_message(name, *bad))
+  bad = first_non_float_leaf(tree)
+  if bad is not None:
+    raise TypeError(non_float_message(*bad))
 
 
 def check_bool(owner: str, name: str, value: Any) -> None:

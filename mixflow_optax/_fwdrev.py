@@ -33,11 +33,9 @@ import numpy as np
 
 from mixflow_optax._checks import (
   check_bool,
+  check_float_tree,
   describe,
-  first_non_array_leaf,
-  first_non_float_leaf,
   is_float,
-  non_array_leaf_message,
 )
 from mixflow_optax._jax_internals import (
   JAX_FORWARD_MODE_ERRORS,
@@ -157,6 +155,15 @@ def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
   return tuple(argnums)
 
 
+def _non_float_arg_message(fun: Callable, i: int, path: str, dtype: Any) -> str:
+  return (
+    f"fwdrev_grad differentiates {_name(fun)!r} with respect to argument {i}, whose "
+    f"leaf {path} has dtype {dtype}. Gradients are only defined for floating "
+    "point inputs: cast it to a float dtype, or pass it in another argument "
+    "(integer inputs such as token ids are fine there)."
+  )
+
+
 def _check_diff_args(fun: Callable, args: tuple, argnums: tuple[int, ...]) -> None:
   for i in argnums:
     if i >= len(args):
@@ -164,18 +171,7 @@ def _check_diff_args(fun: Callable, args: tuple, argnums: tuple[int, ...]) -> No
         f"argnums={argnums} refers to positional argument {i}, but {_name(fun)!r} "
         f"was called with {len(args)} positional arguments."
       )
-    bad = first_non_array_leaf(args[i])
-    if bad is not None:
-      raise TypeError(non_array_leaf_message(f"argument {i}", *bad))
-    bad = first_non_float_leaf(args[i])
-    if bad is not None:
-      path, dtype = bad
-      raise TypeError(
-        f"fwdrev_grad differentiates {_name(fun)!r} with respect to argument {i}, whose "
-        f"leaf {path} has dtype {dtype}. Gradients are only defined for floating "
-        "point inputs: cast it to a float dtype, or pass it in another argument "
-        "(integer inputs such as token ids are fine there)."
-      )
+    check_float_tree(f"argument {i}", args[i], functools.partial(_non_float_arg_message, fun, i))
 
 
 def _check_fallback(fallback: Any) -> None:

@@ -27,11 +27,9 @@ from jax.experimental import checkify
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_float_tree,
   describe,
-  first_non_array_leaf,
-  first_non_float_leaf,
   is_float,
-  non_array_leaf_message,
 )
 from mixflow_optax._config import (
   INNER_GRAD_NAME,
@@ -157,19 +155,17 @@ def _check_leading_axis(inner_batches: Any) -> int:
   return num_steps
 
 
+def _non_float_params_message(path: str, dtype: Any) -> str:
+  return (
+    f"params leaf {path} has dtype {dtype}; inner parameters must be floating "
+    "point. Move integer state (step counters, token ids, BatchNorm counts) out "
+    "of params, e.g. into the batch or a separate argument."
+  )
+
+
 def check_params(params: Any) -> None:
   """Inner parameters: floating-point arrays only."""
-  bad = first_non_array_leaf(params)
-  if bad is not None:
-    raise TypeError(non_array_leaf_message("params", *bad))
-  bad = first_non_float_leaf(params)
-  if bad is not None:
-    path, dtype = bad
-    raise TypeError(
-      f"params leaf {path} has dtype {dtype}; inner parameters must be floating "
-      "point. Move integer state (step counters, token ids, BatchNorm counts) out "
-      "of params, e.g. into the batch or a separate argument."
-    )
+  check_float_tree("params", params, _non_float_params_message)
 
 
 def _check_model_state_given(has_model_state: bool, model_state: Any) -> None:

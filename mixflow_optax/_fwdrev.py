@@ -427,25 +427,60 @@ def _rule_bwd(loss: _InnerLoss, point: _LinearizationPoint, cts: Any) -> Any:
     return None
   out_ct, g_bar = cts
   v_bar, aux_bar = out_ct if loss.has_aux else (out_ct, None)
-  if v_bar is None or is_symbolic_zero(v_bar):
-    v_bar = None
-  aux_bar = [a for a in cotangent_leaves(aux_bar)]
-  if all(is_symbolic_zero(a) or not is_float(a) for a in aux_bar):
-    aux_bar = None
-  g_bar = cotangent_leaves(g_bar)
+  v_bar, aux_bar, g_bar = _value_ct(v_bar), _aux_cts(aux_bar), _grad_cts(g_bar)
 
   ct = [jnp.zeros_like(point.flat[j]) for j in point.diff_idx]
-  if not all(is_symbolic_zero(g) for g in g_bar):
-    hvp, grad = _hvp_term(loss, point, [materialize_zero(g) for g in g_bar])
-    ct = [c + h for c, h in zip(ct, hvp)]
-    if v_bar is not None and grad is not None:
-      # The value's term v_bar * grad_z L is the primal output of the same jvp.
-      ct = [c + v_bar * p for c, p in zip(ct, grad)]
-      v_bar = None
+  if g_bar is not None:
+    ct, v_bar = _add_second_order_term(ct, loss, point, g_bar, v_bar)
   if v_bar is not None or aux_bar is not None:
-    fo = _first_order_term(loss, point, v_bar, aux_bar)
-    ct = [c + f for c, f in zip(ct, fo)]
+    ct = _add(ct, _first_order_term(loss, point, v_bar, aux_bar))
   return point.cotangents(ct)
+
+
+def _value_ct(v_bar: Any) -> jax.Array | None:
+  """The loss value's cotangent, or None if it is zero."""
+  if v_bar is None or is_symbolic_zero(v_bar):
+    return None
+  return v_bar
+
+
+def _aux_cts(aux_bar: Any) -> list[Any] | None:
+  """The aux output's cotangent leaves, or None if none is a nonzero float."""
+  leaves = [a for a in cotangent_leaves(aux_bar)]
+  if all(is_symbolic_zero(a) or not is_float(a) for a in leaves):
+    return None
+  return leaves
+
+
+def _grad_cts(g_bar: Any) -> list[jax.Array] | None:
+  """The gradient's cotangent leaves with zeros materialised, or None if all are zero."""
+  leaves = cotangent_leaves(g_bar)
+  if all(is_symbolic_zero(g) for g in leaves):
+    return None
+  return [materialize_zero(g) for g in leaves]
+
+
+def _add(xs: list[jax.Array], ys: Sequence[jax.Array]) -> list[jax.Array]:
+  return [x + y for x, y in zip(xs, ys)]
+
+
+def _add_second_order_term(
+  ct: list[jax.Array],
+  loss: _InnerLoss,
+  point: _LinearizationPoint,
+  g_bar: list[jax.Array],
+  v_bar: jax.Array | None,
+) -> tuple[list[jax.Array], jax.Array | None]:
+  r"""``ct`` plus the HVP term, and the value's term if the same jvp gave :math:`\nabla_z L`.
+
+  Returns the sum and the value's cotangent still to be added (None once it is).
+  """
+  hvp, grad = _hvp_term(loss, point, g_bar)
+  ct = _add(ct, hvp)
+  if v_bar is None or grad is None:
+    return ct, v_bar
+  # The value's term v_bar * grad_z L is the primal output of the same jvp.
+  return _add(ct, [v_bar * p for p in grad]), None
 
 
 def _hvp_term(

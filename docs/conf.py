@@ -28,6 +28,9 @@ sys.path.insert(0, str(ROOT))
 project = "mixflow_optax"
 author = "The mixflow_optax authors"
 copyright = "2025, the mixflow_optax authors"  # noqa: A001 - Sphinx's name
+# The one definition of the version (pyproject.toml reads it too).
+release = importlib.import_module("mixflow_optax").__version__
+version = release
 
 extensions = [
   "sphinx.ext.autodoc",

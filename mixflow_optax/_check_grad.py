@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from mixflow_optax._checks import check_bool
+from mixflow_optax._config import Mode
 from mixflow_optax._fwdrev import Fallback
 from mixflow_optax._unroll import unroll
 
@@ -56,7 +57,7 @@ class MetaGradientCheck(NamedTuple):
 
 
 def _meta_gradients(
-  mode: str,
+  mode: Mode,
   inner_loss: Callable,
   outer_loss: Callable,
   inner_opt: optax.GradientTransformation,
@@ -170,7 +171,7 @@ def check_meta_gradient(
   if has_model_state and model_state is None:
     raise TypeError("check_meta_gradient(..., has_model_state=True) needs model_state=.")
   inputs = (meta_params, params, inner_batches, outer_batch, model_state)
-  kwargs = dict(hyperparams_fn=hyperparams_fn, has_model_state=has_model_state)
+  kwargs: dict[str, Any] = dict(hyperparams_fn=hyperparams_fn, has_model_state=has_model_state)
   args = (inner_loss, outer_loss, inner_opt, inputs)
   mixflow = _meta_gradients("mixflow", *args, fallback=fallback, **kwargs)
   standard = _meta_gradients("standard", *args, **kwargs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -55,6 +55,23 @@ def first_non_float_leaf(tree: Any) -> tuple[str, Any] | None:
   return None
 
 
+def check_float_tree(name: str, tree: Any, non_float_message: Callable[[str, Any], str]) -> None:
+  """Every leaf of ``tree`` must be a floating-point array: a TypeError names the first that is not.
+
+  Args:
+    name: what ``tree`` is, in the message for a non-array leaf (``"params"``).
+    tree: the pytree to check.
+    non_float_message: ``(path, dtype) -> message`` for an array leaf that is not floating
+      point; each caller words its own fix.
+  """
+  bad = first_non_array_leaf(tree)
+  if bad is not None:
+    raise TypeError(non_array_leaf_message(name, *bad))
+  bad = first_non_float_leaf(tree)
+  if bad is not None:
+    raise TypeError(non_float_message(*bad))
+
+
 def check_bool(owner: str, name: str, value: Any) -> None:
   """``value`` must be a bool: ``"no"`` or ``1`` would silently mean True."""
   if not isinstance(value, (bool, np.bool_)):
@@ -62,7 +79,7 @@ def check_bool(owner: str, name: str, value: Any) -> None:
 
 
 def _is_positive_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x >= 1
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and bool(x >= 1)
 
 
 def check_positive_int(owner: str, name: str, value: Any) -> int:
@@ -90,4 +107,5 @@ def check_finite_leaves(tree: Any, message: str, **fmt: jax.Array) -> None:
     if not is_float(leaf):
       continue
     where = jax.tree_util.keystr(path) or "<root>"
-    checkify.check(jnp.all(jnp.isfinite(leaf)), message.replace("{leaf}", where), **fmt)
+    # checkify.check's annotations make every keyword a bool (its `debug` flag).
+    checkify.check(jnp.all(jnp.isfinite(leaf)), message.replace("{leaf}", where), **fmt)  # type: ignore[arg-type]

@@ -214,15 +214,17 @@ def _jvp_meta(
   else:
     carried = (tangents.params, tangents.inner_state, tangents.model_state)
 
-    def jvp(e, carried):
+    def jvp_carried(e, carried):
       tangents_in = (unravel(e),) + tuple(map(_tangent_in, start, carried))
       return jax.jvp(outputs, (meta_params, *start), tangents_in, has_aux=True)
 
-    primal, (value_dot, carry_dot), losses = jax.vmap(jvp, out_axes=(None, 0, None))(basis, carried)
+    primal, (value_dot, carry_dot), losses = jax.vmap(jvp_carried, out_axes=(None, 0, None))(
+      basis, carried
+    )
     new_tangents = ForwardTangents(*map(_tangent_out, primal[1], carry_dot, (n, n, n)))
-  value, carry_T = primal
+  value, (params_T, inner_state_T, model_state_T) = primal
   grads = unravel(value_dot.astype(flat.dtype))
-  return value, UnrollResult(*carry_T, losses), grads, new_tangents
+  return value, UnrollResult(params_T, inner_state_T, model_state_T, losses), grads, new_tangents
 
 
 def value_and_grad(

@@ -33,13 +33,11 @@ import numpy as np
 
 from mixflow_optax._checks import (
   check_bool,
+  check_float_tree,
   describe,
-  first_non_array_leaf,
-  first_non_float_leaf,
   is_float,
-  non_array_leaf_message,
 )
-from mixflow_optax._compat import (
+from mixflow_optax._jax_internals import (
   JAX_FORWARD_MODE_ERRORS,
   ForwardModeUnsupported,
   check_forward_mode_traceable,
@@ -157,6 +155,15 @@ def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
   return tuple(argnums)
 
 
+def _non_float_arg_message(fun: Callable, i: int, path: str, dtype: Any) -> str:
+  return (
+    f"fwdrev_grad differentiates {_name(fun)!r} with respect to argument {i}, whose "
+    f"leaf {path} has dtype {dtype}. Gradients are only defined for floating "
+    "point inputs: cast it to a float dtype, or pass it in another argument "
+    "(integer inputs such as token ids are fine there)."
+  )
+
+
 def _check_diff_args(fun: Callable, args: tuple, argnums: tuple[int, ...]) -> None:
   for i in argnums:
     if i >= len(args):
@@ -164,18 +171,7 @@ def _check_diff_args(fun: Callable, args: tuple, argnums: tuple[int, ...]) -> No
         f"argnums={argnums} refers to positional argument {i}, but {_name(fun)!r} "
         f"was called with {len(args)} positional arguments."
       )
-    bad = first_non_array_leaf(args[i])
-    if bad is not None:
-      raise TypeError(non_array_leaf_message(f"argument {i}", *bad))
-    bad = first_non_float_leaf(args[i])
-    if bad is not None:
-      path, dtype = bad
-      raise TypeError(
-        f"fwdrev_grad differentiates {_name(fun)!r} with respect to argument {i}, whose "
-        f"leaf {path} has dtype {dtype}. Gradients are only defined for floating "
-        "point inputs: cast it to a float dtype, or pass it in another argument "
-        "(integer inputs such as token ids are fine there)."
-      )
+    check_float_tree(f"argument {i}", args[i], functools.partial(_non_float_arg_message, fun, i))
 
 
 def _check_fallback(fallback: Any) -> None:
@@ -393,13 +389,13 @@ def _make_core(loss: _InnerLoss) -> Callable:
 
   def bwd(res, cts):
     values, markers = res
-    return (_rule_bwd(loss, _Point.of(values, markers, loss.argnums), cts),)
+    return (_rule_bwd(loss, _LinearizationPoint.of(values, markers, loss.argnums), cts),)
 
   core.defvjp(fwd, bwd, symbolic_zeros=True)
   return core
 
 
-class _Point(NamedTuple):
+class _LinearizationPoint(NamedTuple):
   """The rule's inputs as flat leaves, with the positions that take part."""
 
   flat: list[Any]
@@ -408,7 +404,7 @@ class _Point(NamedTuple):
   diff_idx: list[int]  # leaves that need a cotangent: perturbed, floating point
 
   @classmethod
-  def of(cls, values: Any, markers: tuple, argnums: tuple[int, ...]) -> _Point:
+  def of(cls, values: Any, markers: tuple, argnums: tuple[int, ...]) -> _LinearizationPoint:
     flat, treedef = jax.tree.flatten(values)
     offsets = np.cumsum([0] + [len(jax.tree.leaves(a)) for a in values[0]])
     theta_idx = [j for i in argnums for j in range(offsets[i], offsets[i + 1])]
@@ -427,41 +423,76 @@ class _Point(NamedTuple):
     return jax.tree.unflatten(self.treedef, self.substitute(*assignments))
 
   def cotangents(self, ct: list[jax.Array]) -> Any:
-    out = [None] * len(self.flat)
+    out: list[Any] = [None] * len(self.flat)
     for j, c in zip(self.diff_idx, ct):
       out[j] = c.astype(jnp.result_type(self.flat[j]))
     return jax.tree.unflatten(self.treedef, out)
 
 
-def _rule_bwd(loss: _InnerLoss, point: _Point, cts: Any) -> Any:
+def _rule_bwd(loss: _InnerLoss, point: _LinearizationPoint, cts: Any) -> Any:
   r"""Cotangents of the inputs: HVP term + :math:`\bar v \nabla_z L` + aux term."""
   if not point.diff_idx:
     return None
   out_ct, g_bar = cts
   v_bar, aux_bar = out_ct if loss.has_aux else (out_ct, None)
-  if v_bar is None or is_symbolic_zero(v_bar):
-    v_bar = None
-  aux_bar = [a for a in cotangent_leaves(aux_bar)]
-  if all(is_symbolic_zero(a) or not is_float(a) for a in aux_bar):
-    aux_bar = None
-  g_bar = cotangent_leaves(g_bar)
+  v_bar, aux_bar, g_bar = _value_ct(v_bar), _aux_cts(aux_bar), _grad_cts(g_bar)
 
   ct = [jnp.zeros_like(point.flat[j]) for j in point.diff_idx]
-  if not all(is_symbolic_zero(g) for g in g_bar):
-    hvp, grad = _hvp_term(loss, point, [materialize_zero(g) for g in g_bar])
-    ct = [c + h for c, h in zip(ct, hvp)]
-    if v_bar is not None and grad is not None:
-      # The value's term v_bar * grad_z L is the primal output of the same jvp.
-      ct = [c + v_bar * p for c, p in zip(ct, grad)]
-      v_bar = None
+  if g_bar is not None:
+    ct, v_bar = _add_second_order_term(ct, loss, point, g_bar, v_bar)
   if v_bar is not None or aux_bar is not None:
-    fo = _first_order_term(loss, point, v_bar, aux_bar)
-    ct = [c + f for c, f in zip(ct, fo)]
+    ct = _add(ct, _first_order_term(loss, point, v_bar, aux_bar))
   return point.cotangents(ct)
 
 
+def _value_ct(v_bar: Any) -> jax.Array | None:
+  """The loss value's cotangent, or None if it is zero."""
+  if v_bar is None or is_symbolic_zero(v_bar):
+    return None
+  return v_bar
+
+
+def _aux_cts(aux_bar: Any) -> list[Any] | None:
+  """The aux output's cotangent leaves, or None if none is a nonzero float."""
+  leaves = [a for a in cotangent_leaves(aux_bar)]
+  if all(is_symbolic_zero(a) or not is_float(a) for a in leaves):
+    return None
+  return leaves
+
+
+def _grad_cts(g_bar: Any) -> list[jax.Array] | None:
+  """The gradient's cotangent leaves with zeros materialised, or None if all are zero."""
+  leaves = cotangent_leaves(g_bar)
+  if all(is_symbolic_zero(g) for g in leaves):
+    return None
+  return [materialize_zero(g) for g in leaves]
+
+
+def _add(xs: list[jax.Array], ys: Sequence[jax.Array]) -> list[jax.Array]:
+  return [x + y for x, y in zip(xs, ys)]
+
+
+def _add_second_order_term(
+  ct: list[jax.Array],
+  loss: _InnerLoss,
+  point: _LinearizationPoint,
+  g_bar: list[jax.Array],
+  v_bar: jax.Array | None,
+) -> tuple[list[jax.Array], jax.Array | None]:
+  r"""``ct`` plus the HVP term, and the value's term if the same jvp gave :math:`\nabla_z L`.
+
+  Returns the sum and the value's cotangent still to be added (None once it is).
+  """
+  hvp, grad = _hvp_term(loss, point, g_bar)
+  ct = _add(ct, hvp)
+  if v_bar is None or grad is None:
+    return ct, v_bar
+  # The value's term v_bar * grad_z L is the primal output of the same jvp.
+  return _add(ct, [v_bar * p for p in grad]), None
+
+
 def _hvp_term(
-  loss: _InnerLoss, point: _Point, g_bar: list[jax.Array]
+  loss: _InnerLoss, point: _LinearizationPoint, g_bar: list[jax.Array]
 ) -> tuple[list[jax.Array], list[jax.Array] | None]:
   """``(hvp, grad_z L)`` by one forward-over-reverse pass; reverse-over-reverse on fallback."""
   theta0 = [point.flat[j] for j in point.theta_idx]
@@ -492,7 +523,9 @@ def _hvp_term(
     return reverse(), None
 
 
-def _reverse_term(loss: _InnerLoss, point: _Point, g_bar: list[jax.Array]) -> list[jax.Array]:
+def _reverse_term(
+  loss: _InnerLoss, point: _LinearizationPoint, g_bar: list[jax.Array]
+) -> list[jax.Array]:
   """The HVP term reverse-over-reverse: the gradient of <grad_theta L, g_bar>."""
 
   def gdot(d):
@@ -515,7 +548,7 @@ def _traces(fn: Callable) -> bool:
 
 
 def _first_order_term(
-  loss: _InnerLoss, point: _Point, v_bar: jax.Array | None, aux_bar: list[Any] | None
+  loss: _InnerLoss, point: _LinearizationPoint, v_bar: jax.Array | None, aux_bar: list[Any] | None
 ) -> list[jax.Array]:
   """The value's and aux's own cotangents: the gradient of ``v_bar L + <aux_bar, aux>``."""
 

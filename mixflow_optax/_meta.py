@@ -28,9 +28,9 @@ from mixflow_optax._checks import (
   first_non_float_leaf,
   non_array_leaf_message,
 )
-from mixflow_optax._compat import is_tracer
 from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
+from mixflow_optax._jax_internals import is_tracer
 from mixflow_optax._placement import shard_like_params
 from mixflow_optax._unroll import (
   UnrollResult,
@@ -84,7 +84,7 @@ class MetaState(NamedTuple):
   params: Any
   inner_state: optax.OptState
   outer_state: optax.OptState
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
   model_state: Any = None
   tangents: Any = None
   initial_params: Any = None
@@ -801,7 +801,7 @@ def meta_optimizer(
     inner_loss,
     inner_opt,
     hyperparams_fn=hyperparams_fn,
-    mode=mode,
+    mode=mode,  # type: ignore[arg-type]  # not "forward": replaced by "standard" above
     memory=memory,
     fallback=fallback,
     has_model_state=has_model_state,

@@ -27,13 +27,10 @@ from jax.experimental import checkify
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_float_tree,
   describe,
-  first_non_array_leaf,
-  first_non_float_leaf,
   is_float,
-  non_array_leaf_message,
 )
-from mixflow_optax._compat import is_differentiated_eagerly, is_forward_mode_traced
 from mixflow_optax._config import (
   INNER_GRAD_NAME,
   MemoryConfig,
@@ -42,6 +39,7 @@ from mixflow_optax._config import (
   memory_config,
 )
 from mixflow_optax._fwdrev import Fallback, _check_fallback, checked_loss, value_and_grad_fn
+from mixflow_optax._jax_internals import is_differentiated_eagerly, is_forward_mode_traced
 from mixflow_optax._placement import CARRY_NAME, carry_offload_policy, check_host_offload
 from mixflow_optax.transforms._base import ReparamTransformation
 
@@ -60,7 +58,7 @@ class UnrollResult(NamedTuple):
 
   def as_tuple(self, has_model_state: bool, return_losses: bool) -> tuple:
     """The public return value of ``run``."""
-    out = (self.params, self.opt_state)
+    out: tuple[Any, ...] = (self.params, self.opt_state)
     if has_model_state:
       out += (self.model_state,)
     return (*out, self.losses) if return_losses else out
@@ -177,19 +175,17 @@ def _check_leading_axis(inner_batches: Any) -> int:
   return num_steps
 
 
+def _non_float_params_message(path: str, dtype: Any) -> str:
+  return (
+    f"params leaf {path} has dtype {dtype}; inner parameters must be floating "
+    "point. Move integer state (step counters, token ids, BatchNorm counts) out "
+    "of params, e.g. into the batch or a separate argument."
+  )
+
+
 def check_params(params: Any) -> None:
   """Inner parameters: floating-point arrays only."""
-  bad = first_non_array_leaf(params)
-  if bad is not None:
-    raise TypeError(non_array_leaf_message("params", *bad))
-  bad = first_non_float_leaf(params)
-  if bad is not None:
-    path, dtype = bad
-    raise TypeError(
-      f"params leaf {path} has dtype {dtype}; inner parameters must be floating "
-      "point. Move integer state (step counters, token ids, BatchNorm counts) out "
-      "of params, e.g. into the batch or a separate argument."
-    )
+  check_float_tree("params", params, _non_float_params_message)
 
 
 def _check_model_state_given(has_model_state: bool, model_state: Any) -> None:
@@ -226,7 +222,7 @@ _NOT_FUNCTIONALIZED = (
   "mfo.meta_optimizer(..., check_finite=True), whose step does it for you."
 )
 
-# Backward-pass messages of `_watch`, by term.
+# Backward-pass messages of `_check_finite_cotangent`, by term.
 _COTANGENT_MESSAGES = {
   "final": (
     "the cotangent of the final inner carry (params_T / opt_state_T) leaf {leaf} is "
@@ -258,23 +254,23 @@ _COTANGENT_MESSAGES = {
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _watch(x: Any, t: jax.Array, term: str) -> Any:
+def _check_finite_cotangent(x: Any, t: jax.Array, term: str) -> Any:
   """Identity whose backward pass checks that the cotangent of ``x`` is finite."""
   del t, term
   return x
 
 
-def _watch_fwd(x, t, term):
+def _check_finite_cotangent_fwd(x, t, term):
   del term
   return x, t
 
 
-def _watch_bwd(term, t, ct):
+def _check_finite_cotangent_bwd(term, t, ct):
   check_finite_leaves(ct, _COTANGENT_MESSAGES[term], t=t)
   return ct, None
 
 
-_watch.defvjp(_watch_fwd, _watch_bwd)
+_check_finite_cotangent.defvjp(_check_finite_cotangent_fwd, _check_finite_cotangent_bwd)
 
 
 def _finite_flags(tree: Any) -> Any:
@@ -412,12 +408,12 @@ def _make_step(
     if spec.memory.offload_carries:
       # The copy of the step's input that the backward pass keeps is this named one.
       carry = checkpoint_name(carry, CARRY_NAME)
-    carry = _watch(carry, t, "carry") if check else carry
+    carry = _check_finite_cotangent(carry, t, "carry") if check else carry
     params, opt_state, model_state = carry
     meta, hps = meta_params, hyperparams_t
     if check:
-      meta = _watch(meta, t, "meta")
-      hps = None if hps is None else _watch(hps, t, "hyperparams")
+      meta = _check_finite_cotangent(meta, t, "meta")
+      hps = None if hps is None else _check_finite_cotangent(hps, t, "hyperparams")
     if spec.has_model_state:
       (loss, new_model_state), grads = value_and_grad(params, meta, batch, model_state)
       _check_model_state(model_state, new_model_state)
@@ -428,7 +424,7 @@ def _make_step(
       grads = jax.lax.stop_gradient(grads)
     if check:
       grads_ok = _finite_flags(grads)
-      grads = _watch(grads, t, "grad")
+      grads = _check_finite_cotangent(grads, t, "grad")
     grads = checkpoint_name(grads, INNER_GRAD_NAME)
     extra = {} if hps is None else {"hyperparams": hps}
     updates, opt_state = spec.inner_opt.update(grads, opt_state, params, **extra)
@@ -464,8 +460,9 @@ def _scan_steps(
   if spec.check_finite:
     losses, flags = losses
     _check_forward_flags(flags)
-    carry = _watch(carry, jnp.asarray(num_steps, jnp.int32), "final")
-  return UnrollResult(*carry, losses)
+    carry = _check_finite_cotangent(carry, jnp.asarray(num_steps, jnp.int32), "final")
+  params, opt_state, model_state = carry
+  return UnrollResult(params, opt_state, model_state, losses)
 
 
 def _step_offset(step_offset: Any) -> jax.Array:

@@ -147,6 +147,15 @@ class RepoTest(helpers.TestCase):
     self.assertEqual(names, ["jax", "numpy", "optax"])
     self.assertNotIn("[project.scripts]", text)
 
+  def test_version_is_written_once(self):
+    # mixflow_optax.__version__ is the only definition; the package metadata reads it.
+    text = (ROOT / "pyproject.toml").read_text()
+    self.assertRegex(text, r'(?m)^dynamic = \[.*"version".*\]')
+    self.assertRegex(text, r'(?m)^version = \{ attr = "mixflow_optax.__version__" \}')
+    self.assertNotRegex(text, r'(?m)^version = "')
+    init = (ROOT / "mixflow_optax" / "__init__.py").read_text()
+    self.assertRegex(init, r'(?m)^__version__ = "[0-9][^"]*"$')
+
   def test_fast_compile_flags_are_restorable(self):
     # helpers.DEFAULT_XLA_OPTIONS must undo every flag the root conftest.py sets for speed.
     conftest = (ROOT / "conftest.py").read_text()

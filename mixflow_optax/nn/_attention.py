@@ -40,7 +40,7 @@ class _Config(NamedTuple):
   block: int
   num_blocks: int
   is_causal: bool
-  window: tuple[int, int] | None
+  window: tuple[int, ...] | None  # (left, right)
   bias_full_kv: bool
   mask_full_kv: bool
 
@@ -131,7 +131,7 @@ def _split(bias, mask, key, value, cfg: _Config):
     "key": _blocks(key, 1, cfg),
     "value": _blocks(value, 1, cfg),
   }
-  consts = {}
+  consts: dict[str, Any] = {}
   for name, x, full, fill in (
     ("bias", bias, cfg.bias_full_kv, 0),
     ("mask", mask, cfg.mask_full_kv, False),
@@ -263,7 +263,7 @@ def _flash_bwd(cfg: _Config, res, d_out):
     d_q = d_q + jnp.einsum("bkgts,bskh->btkgh", d_s, blk["key"])
     d_key = jnp.einsum("bkgts,btkgh->bskh", d_s, q)
     d_bias = None
-    if bias is not None:
+    if bias_shape is not None:  # a bias was given
       d_bias = _sum_to(d_s, bias_shape)
       if not cfg.bias_full_kv:
         d_bias_const = d_bias_const + d_bias.sum(axis=-1, keepdims=True)

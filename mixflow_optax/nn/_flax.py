@@ -89,10 +89,9 @@ def flax_attention(
   shape = query.shape
   if query.ndim > 4:
     # Several batch dimensions: flattened into one, as Flax does.
-    flat = lambda x: (
-      None if x is None else jnp.reshape(x, (math.prod(x.shape[:-3]),) + x.shape[-3:])
-    )
-    query, key, value, bias, mask = map(flat, (query, key, value, bias, mask))
+    flat = lambda x: jnp.reshape(x, (math.prod(x.shape[:-3]),) + x.shape[-3:])
+    query, key, value = map(flat, (query, key, value))
+    bias, mask = (None if x is None else flat(x) for x in (bias, mask))
   if mask is not None:
     mask = jnp.asarray(mask).astype(bool)
   out = dot_product_attention(

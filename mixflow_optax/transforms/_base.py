@@ -93,7 +93,7 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
     hyperparams = iterable.hyperparams if isinstance(iterable, ReparamTransformation) else None
     items = tuple(iterable)
     if len(items) == 3:
-      *items, hyperparams = items
+      hyperparams, items = items[2], items[:2]
     if len(items) != 2:
       raise TypeError(f"Expected 2 or 3 arguments (init, update[, hyperparams]), got {len(items)}.")
     return cls(*items, hyperparams)
@@ -331,8 +331,8 @@ def leaf_results(fn: Callable[..., Any], updates: Any, *cols: Any) -> list[Any]:
     [[1.0, -2.0]]
   """
   leaves, treedef = jax.tree.flatten(updates)
-  cols = [c if isinstance(c, PerLeaf) else treedef.flatten_up_to(c) for c in cols]
-  return [fn(*xs) for xs in zip(leaves, *cols)]
+  columns = [c if isinstance(c, PerLeaf) else treedef.flatten_up_to(c) for c in cols]
+  return [fn(*xs) for xs in zip(leaves, *columns)]
 
 
 def map_leaves(fn: Callable[..., Any], updates: Any, *cols: Any) -> Any:

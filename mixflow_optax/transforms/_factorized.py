@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - other optax layouts
 __all__ = ["scale_by_factored_rms", "clip_by_block_rms"]
 
 
-def _decay_rate_pow(i: jax.typing.ArrayLike, exponent: jax.typing.ArrayLike = 0.8) -> jax.Array:
+def _decay_rate_pow(i: jax.typing.ArrayLike, exponent: float | jax.Array = 0.8) -> jax.Array:
   # Same arithmetic as optax's default schedule (the step in float32).
   t = jnp.array(i + 1, jnp.float32)
   return 1.0 - t ** (-exponent)

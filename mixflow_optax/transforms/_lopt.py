@@ -56,7 +56,7 @@ class MLPLOptState(NamedTuple):
       gradient (decay ``rms_decay``).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
   momenta: optax.Updates
   rms: optax.Updates
 

@@ -291,7 +291,9 @@ def _update_per_leaf(build, static, hp, updates, state, params, extra_args, owne
   skeleton = jax.tree.structure(jax.eval_shape(opts[0].init, leaves[0]))
   parts = skeleton.flatten_up_to(state)
   per_param = [n > 1 and jax.tree.structure(p) == treedef for p in parts]
-  part_leaves = [treedef.flatten_up_to(p) if pp else None for p, pp in zip(parts, per_param)]
+  part_leaves: list[Any] = [
+    treedef.flatten_up_to(p) if pp else None for p, pp in zip(parts, per_param)
+  ]
   outs = []
   for i in range(n):
     state_i = skeleton.unflatten(

@@ -23,12 +23,12 @@ try:  # Same state classes as optax, so states are interchangeable.
   )
 except ImportError:  # pragma: no cover - older/newer optax layouts
 
-  class ScaleByRmsWithCountState(NamedTuple):
-    count: jax.Array
+  class ScaleByRmsWithCountState(NamedTuple):  # type: ignore[no-redef]  # fallback of the import
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
     nu: optax.Updates
 
-  class ScaleByRStdDevWithCountState(NamedTuple):
-    count: jax.Array
+  class ScaleByRStdDevWithCountState(NamedTuple):  # type: ignore[no-redef]  # fallback of the import
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
     mu: optax.Updates
     nu: optax.Updates
 
@@ -342,7 +342,7 @@ def scale_by_rms(
     def leaf(g, v, rho, eps):
       v_dtype = v.dtype
       v = (1 - rho) * (g**2) + rho * v
-      v_hat = _bias_correction(v, rho, count_inc) if bias_correction else v
+      v_hat = v if count_inc is None else _bias_correction(v, rho, count_inc)
       if eps_in_sqrt:
         s = jax.lax.rsqrt(v_hat + eps)
       else:
@@ -400,7 +400,7 @@ def scale_by_stddev(
       m_dtype, v_dtype = m.dtype, v.dtype
       m = (1 - rho) * g + rho * m
       v = (1 - rho) * (g**2) + rho * v
-      if bias_correction:
+      if count_inc is not None:  # bias_correction
         m_hat, v_hat = _bias_correction(m, rho, count_inc), _bias_correction(v, rho, count_inc)
       else:
         m_hat, v_hat = m, v

@@ -16,10 +16,13 @@ import jax.extend.core
 import jax.numpy as jnp
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
+_JVP_TRACERS: tuple[type, ...]
 try:  # Tracer classes of forward-mode autodiff (jax.jvp) and of reverse mode.
   from jax._src.interpreters.ad import JVPTracer as _JVPTracer
+
+  _JVP_TRACERS = (_JVPTracer,)
 except ImportError:  # pragma: no cover - other JAX layouts
-  _JVPTracer = ()
+  _JVP_TRACERS = ()
 
 __all__ = [
   "ForwardModeUnsupported",
@@ -61,7 +64,7 @@ def is_forward_mode_traced(tree: Any) -> bool:
   for leaf in jax.tree.leaves(tree):
     x = leaf
     while is_tracer(x):
-      if _JVPTracer and isinstance(x, _JVPTracer):
+      if isinstance(x, _JVP_TRACERS):
         return True
       x = getattr(x, "primal", getattr(x, "val", None))
   return False

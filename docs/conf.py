@@ -17,6 +17,7 @@ Links to JAX, Optax and Flax resolve offline, through the inventories committed 
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import shutil
 import sys

@@ -269,9 +269,16 @@ def _broadcast_members(tree: Any, size: int) -> Any:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (size,) + jnp.shape(x)), tree)
 
 
+def _population_of(meta: _MetaSpec) -> _PopulationSpec:
+  """``meta.population``, for code that runs only for populations."""
+  if meta.population is None:  # pragma: no cover - callers check population_size first
+    raise AssertionError("not a population meta-optimizer")
+  return meta.population
+
+
 def _init_population(meta: _MetaSpec, meta_params: Any, params: Any, model_state: Any) -> MetaState:
   """The state of P members, each with its own params and inner state (leading axis P)."""
-  pop = meta.population
+  pop = _population_of(meta)
   hint = (
     "Stack one per member, e.g. jax.vmap(init_fn)(jax.random.split(key, P)), or repeat "
     "one: jax.tree.map(lambda x: jnp.broadcast_to(x, (P,) + x.shape), tree)."
@@ -463,10 +470,10 @@ def _check_meta_grads_finite(meta: _MetaSpec, grads: Any) -> None:
     )
 
 
-def _due_for_reset(pop: _PopulationSpec, count: jax.Array) -> jax.Array:
+def _due_for_reset(size: int, reset_every: int, count: jax.Array) -> jax.Array:
   """Members reset after meta-step ``count``: staggered, member i when (count + iK/P) % K == 0."""
-  offsets = (jnp.arange(pop.size, dtype=jnp.int32) * pop.reset_every) // pop.size
-  return (count + offsets) % pop.reset_every == 0
+  offsets = (jnp.arange(size, dtype=jnp.int32) * reset_every) // size
+  return (count + offsets) % reset_every == 0
 
 
 def _reset_members(
@@ -474,10 +481,10 @@ def _reset_members(
 ) -> tuple:
   """``(params, inner_state, model_state, member_age)`` the next step starts from."""
   age = state.member_age + jnp.shape(result.losses)[-1]
-  pop = meta.population
+  pop = _population_of(meta)
   if pop.reset_every is None:
     return result.params, result.opt_state, result.model_state, age
-  due = _due_for_reset(pop, count)
+  due = _due_for_reset(pop.size, pop.reset_every, count)
   if meta.init_params_fn is not None:
     fresh = _broadcast_members(meta.init_params_fn(meta_params), pop.size)
   else:
@@ -504,7 +511,7 @@ def _population_step(
   meta: _MetaSpec, state: MetaState, inner_batches: Any, outer_batch: Any
 ) -> tuple:
   """One meta-step of P members (vmapped); the meta-update is the mean over members."""
-  pop = meta.population
+  pop = _population_of(meta)
   hint = "Stack the members' batches: inner_batches (P, T, ...), outer_batch (P, ...)."
   _check_member_axis(pop.size, "inner_batches", inner_batches, hint)
   _check_member_axis(pop.size, "outer_batch", outer_batch, hint)

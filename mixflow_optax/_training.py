@@ -36,13 +36,14 @@ def _num_examples(data: Any) -> int:
   if not leaves:
     raise ValueError("sample_batches: data has no arrays; give a pytree of arrays (N, ...).")
   sizes = {jax.tree_util.keystr(p) or "<root>": (jnp.shape(x) or (None,))[0] for p, x in leaves}
-  if None in sizes.values() or len(set(sizes.values())) != 1:
+  first = next(iter(sizes.values()))
+  if first is None or any(n != first for n in sizes.values()):
     detail = ", ".join(f"{k}: {v}" for k, v in sizes.items())
     raise ValueError(
       "sample_batches: every leaf of data needs the same leading example axis N; got "
       f"leading axes {detail}."
     )
-  return next(iter(sizes.values()))
+  return first
 
 
 def sample_batches(
@@ -306,7 +307,7 @@ def meta_train(
 class ExportedScheduleState(NamedTuple):
   """State of :func:`export_optimizer` with ``per_step=True``."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax's states
   inner_state: optax.OptState
 
 

@@ -75,7 +75,15 @@ autodoc_type_aliases = {
 # alias that optax does not document on a page of its own.
 nitpick_ignore = [
   ("py:class", name)
-  for name in ("Fallback", "Hyperparams", "MaskOrFn", "MetaMode", "optax.ScalarOrSchedule")
+  for name in (
+    "Fallback",
+    "Hyperparams",
+    "MaskOrFn",
+    "MetaMode",
+    "optax.ScalarOrSchedule",
+    # No numpy inventory is committed; numpy's array type stays plain text.
+    "numpy.ndarray",
+  )
 ]
 
 html_theme = "furo"

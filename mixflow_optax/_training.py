@@ -112,7 +112,7 @@ class MetaTrainResult(NamedTuple):
     history: numpy arrays stacked over meta-steps: every metric of ``step``
       (``"outer_loss"``, ``"inner_losses"``, ..., the applied hyperparameters
       flattened as ``"hyperparams/<name>[/<path>]"``), leaving out metrics of more
-      than :data:`MAX_HISTORY_ELEMENTS` elements per step; and, with
+      than ``MAX_HISTORY_ELEMENTS`` (1024) elements per step; and, with
       ``eval_fn``, ``"eval/<name>"`` stacked over evaluations and
       ``"eval_step"``, the meta-step count of each evaluation.
   """

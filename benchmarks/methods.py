@@ -18,8 +18,9 @@ Methods, all differentiating the same T-step procedure:
 
 - ``bptt``: plain backpropagation through time (``jax.grad`` of a ``lax.scan`` of stock optax
   steps calling ``jax.grad``): the reference, run in float64;
-- ``mixflow``: ``mfo.unroll`` (exact, forward-over-reverse; ``checkpoint_every=round(sqrt(T))``
-  for T >= 100);
+- ``mixflow``: ``mfo.unroll`` with its defaults (exact, forward-over-reverse);
+- ``mixflow_ckpt`` (T >= 100): the same with ``checkpoint_every`` the divisor of T nearest
+  sqrt(T), storing about 2 sqrt(T) carries instead of T;
 - ``truncated``: reverse mode through the last ``K = T // 10`` steps only (the first T - K run
   without a derivative): an approximation;
 - ``first_order``: ``mfo.unroll(mode="first_order")``: inner gradients treated as constants;
@@ -65,6 +66,7 @@ from benchmarks._problems import make_problem
 METHODS: tuple[str, ...] = (
   "bptt",
   "mixflow",
+  "mixflow_ckpt",
   "truncated",
   "first_order",
   "forward",
@@ -72,7 +74,9 @@ METHODS: tuple[str, ...] = (
   "implicit_neumann",
 )
 #: Methods whose meta-gradient equals the reference's up to round-off.
-EXACT: tuple[str, ...] = ("bptt", "mixflow", "forward")
+EXACT: tuple[str, ...] = ("bptt", "mixflow", "mixflow_ckpt", "forward")
+#: ``mixflow_ckpt`` runs for horizons of at least this many steps.
+LONG_T = 100
 L2 = 1e-2  # initial L2 strength of every group
 
 
@@ -113,6 +117,16 @@ class Bilevel(NamedTuple):
 
   def args_for(self, method: str) -> tuple[Any, ...]:
     return self.truncated_args if method == "truncated" else self.args
+
+
+def segment(T: int) -> int:
+  """``checkpoint_every`` of ``mixflow``: the divisor of T nearest sqrt(T).
+
+  A K that does not divide T makes ``mfo.unroll`` slice and reshape the inner batches into
+  segments, a copy of all of them (10 MiB on the ridge problem, whose batches are large next to
+  its 32 parameters); a divisor reshapes them for free.
+  """
+  return min((k for k in range(1, T + 1) if T % k == 0), key=lambda k: abs(k - math.sqrt(T)))
 
 
 def truncation(T: int) -> int:
@@ -289,9 +303,10 @@ def meta_grad(prob: Bilevel, method: str, dtype: Any) -> Callable:
   """``f(meta, params, batches, outer_batch) -> d meta``, jitted, for ``method``."""
   if method == "bptt":
     return jax.jit(jax.grad(_bptt_meta_loss(prob)))
-  checkpoint = {"checkpoint_every": round(math.sqrt(prob.T))} if prob.T >= 100 else {}
   if method == "mixflow":
-    return jax.jit(jax.grad(_unroll_meta_loss(prob, **checkpoint)))
+    return jax.jit(jax.grad(_unroll_meta_loss(prob)))
+  if method == "mixflow_ckpt":
+    return jax.jit(jax.grad(_unroll_meta_loss(prob, checkpoint_every=segment(prob.T))))
   if method == "truncated":
     return jax.jit(jax.grad(_unroll_meta_loss(prob, truncated=True)))
   if method == "first_order":
@@ -342,8 +357,10 @@ def run(quick: bool, reps: int, methods: Sequence[str] = METHODS) -> list[dict[s
     for p, p64 in zip(problems(quick, jnp.float32), probs64)
   ]
   records = []
+  all_methods = methods
   for p64, p32 in zip(probs64, probs32):
     label = f"{p64.name} T={p64.T}"
+    methods = [m for m in all_methods if m != "mixflow_ckpt" or p64.T >= LONG_T]
     with jax.enable_x64(True):
       grads64 = {m: meta_grad(p64, m, jnp.float64)(*p64.args_for(m)) for m in methods}
       ref = grads64["bptt"]
@@ -393,7 +410,7 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
   """The results as one markdown table, one block of rows per problem."""
   lines = [
     "| problem | T | method | rel. error, f64 | rel. error, f32 | temp MiB (f32) | ms (f32) "
-    "| inner grad norm | solve residual |",
+    "| inner grad norm | solve rel. residual (HVPs) |",
     "|---|---:|---|---:|---:|---:|---:|---:|---:|",
   ]
   for r in records:
@@ -401,7 +418,11 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
     lines.append(
       f"| {r['problem']} | {r['T']} | {r['method']} | {_fmt(r['err_f64'])} | "
       f"{_fmt(r['err_f32'])} | {r['temp_mib']:.3f} | {r['ms']:.2f} | "
-      + (f"{_fmt(r['grad_norm'])} | {_fmt(r['relative_residual'])} |" if implicit else "| |")
+      + (
+        f"{_fmt(r['grad_norm'])} | {_fmt(r['relative_residual'])} ({r['iterations']}) |"
+        if implicit
+        else "| |"
+      )
     )
   return "\n".join(lines) + "\n"
 

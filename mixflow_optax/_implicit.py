@@ -516,7 +516,7 @@ def implicit_unroll(
       problem is solved to.
 
   Returns:
-    ``run(meta_params, params, opt_state, inner_batches,
+    ``run(meta_params, params, opt_state, inner_batches, *,
     stationarity_batch=None) -> (params_T, opt_state_T)``, with the call
     convention of :func:`mixflow_optax.unroll`'s ``run``. Differentiate it
     with ``jax.grad`` / ``jax.vjp`` (reverse mode); jit and vmap it.
@@ -556,7 +556,7 @@ def implicit_unroll(
   )
   core = _make_core(spec, inner_loss, forward)
 
-  def run(meta_params, params, opt_state, inner_batches, stationarity_batch=None):
+  def run(meta_params, params, opt_state, inner_batches, *, stationarity_batch=None):
     check_params(params)
     stat = _stationarity_batch(inner_batches, stationarity_batch)
     inputs = (meta_params, params, opt_state, inner_batches, stat)
@@ -600,7 +600,7 @@ def implicit_meta_grad(
   takes), whose direct dependence on ``meta_params`` is included.
 
   Returns:
-    ``fn(meta_params, params, opt_state, inner_batches, outer_batch,
+    ``fn(meta_params, params, opt_state, inner_batches, outer_batch, *,
     stationarity_batch=None) -> ImplicitMetaGrad(value, grad, params,
     opt_state, info)``, a pure function (jit it).
 
@@ -621,7 +621,7 @@ def implicit_meta_grad(
     inner_loss, inner_opt, hyperparams_fn=hyperparams_fn, mode="standard", remat=False
   )
 
-  def fn(meta_params, params, opt_state, inner_batches, outer_batch, stationarity_batch=None):
+  def fn(meta_params, params, opt_state, inner_batches, outer_batch, *, stationarity_batch=None):
     check_params(params)
     stat = _stationarity_batch(inner_batches, stationarity_batch)
     params_t, opt_state_t = forward(meta_params, params, opt_state, inner_batches)

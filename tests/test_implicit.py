@@ -135,6 +135,19 @@ class RidgeTest(helpers.F64TestCase):
     with self.assertRaisesRegex(jax.errors.JaxRuntimeError, "UnconvergedInnerError"):
       jax.block_until_ready(grad_f(self.meta, (self.x[:8], self.y[:8])))
 
+  def test_memory_does_not_grow_with_the_horizon(self):
+    # Under XLA's default flags, as users compile it: the backward pass keeps theta_T only.
+    run = mfo.implicit_unroll(ridge_loss, self.opt, unconverged="ignore")
+    exact = mfo.unroll(ridge_loss, self.opt)
+    mem = {}
+    for steps in (20, 200):
+      for name, r in (("implicit", run), ("unroll", exact)):
+        f = jax.grad(self.meta_loss(r, steps))
+        mem[name, steps] = helpers.default_flags_memory(f, self.meta).temp_bytes
+    self.assertEqual(mem["implicit", 200], mem["implicit", 20])
+    self.assertGreater(mem["unroll", 200], mem["unroll", 20])
+    self.assertLess(mem["implicit", 200], mem["unroll", 200])
+
   def test_optimizer_hyperparameters_and_initial_params_get_zero(self):
     run = mfo.implicit_unroll(
       ridge_loss,

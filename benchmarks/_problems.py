@@ -99,7 +99,7 @@ __all__ = [
 TASKS: tuple[str, ...] = ("learning_rate", "loss_weighting", "maml")
 
 #: Attention implementations of the LM (see :class:`LMConfig`).
-ATTENTIONS: tuple[str, ...] = ("mfo", "xla")
+ATTENTIONS: tuple[str, ...] = ("mfo", "xla", "mfo_checkpoint")
 
 #: Size overrides that make the naive LM (XLA attention, no per-block remat).
 NAIVE: dict[str, Any] = {"attention": "xla", "block_remat": 0}
@@ -436,8 +436,11 @@ class LMConfig:
     batch: sequences per inner step (and in the held-out batch).
     seq_len: tokens per sequence (inputs; targets are shifted by one).
     attention: ``"mfo"`` (:func:`mixflow_optax.nn.dot_product_attention`,
-      blockwise, memory-efficient in every order of differentiation) or
-      ``"xla"`` (``jax.nn.dot_product_attention(implementation="xla")``).
+      blockwise, memory-efficient in every order of differentiation),
+      ``"xla"`` (``jax.nn.dot_product_attention(implementation="xla")``) or
+      ``"mfo_checkpoint"`` (the same blockwise attention with
+      ``differentiation="checkpoint"``: plain JAX, so that a bare ``jax.jvp``
+      of the model, i.e. forward-mode meta-gradients, works too).
     block_remat: ``jax.checkpoint`` around each transformer block (1) or not
       (0), as real LLM code does.
     attn_block: keys per block of the ``"mfo"`` attention.
@@ -521,7 +524,10 @@ def _attention(x: jax.Array, layer: dict[str, jax.Array], cfg: LMConfig) -> jax.
   if cfg.attention == "xla":
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
   else:
-    out = _mfo_nn().dot_product_attention(q, k, v, is_causal=True, block_size=cfg.attn_block)
+    differentiation = "checkpoint" if cfg.attention == "mfo_checkpoint" else "flash"
+    out = _mfo_nn().dot_product_attention(
+      q, k, v, is_causal=True, block_size=cfg.attn_block, differentiation=differentiation
+    )
   return out.reshape(b, s, d) @ layer["wo"]
 
 

@@ -9,6 +9,14 @@ from mixflow_optax._check_grad import (
 )
 from mixflow_optax._forward import ForwardTangents
 from mixflow_optax._fwdrev import ForwardModeError, fwdrev_grad, fwdrev_value_and_grad
+from mixflow_optax._implicit import (
+  ImplicitInfo,
+  ImplicitMetaGrad,
+  UnconvergedInnerError,
+  UnconvergedSolveError,
+  implicit_meta_grad,
+  implicit_unroll,
+)
 from mixflow_optax._memory import CompiledMemory, compiled_memory, peak_memory
 from mixflow_optax._meta import MetaOptimizer, MetaState, meta_optimizer
 from mixflow_optax._training import (
@@ -26,6 +34,8 @@ __all__ = [
   "INNER_GRAD_NAME",
   "ForwardModeError",
   "ForwardTangents",
+  "ImplicitInfo",
+  "ImplicitMetaGrad",
   "MetaGradientCheck",
   "MetaGradientMismatchError",
   "MetaOptimizer",
@@ -36,11 +46,15 @@ __all__ = [
   "export_optimizer",
   "fwdrev_grad",
   "fwdrev_value_and_grad",
+  "implicit_meta_grad",
+  "implicit_unroll",
   "meta_optimizer",
   "meta_train",
   "nn",
   "peak_memory",
   "sample_batches",
   "transforms",
+  "UnconvergedInnerError",
+  "UnconvergedSolveError",
   "unroll",
 ]

@@ -49,7 +49,8 @@ import numpy as np
 import optax
 
 from mixflow_optax._checks import check_positive_int, describe, is_float
-from mixflow_optax._compat import (
+from mixflow_optax._fwdrev import ForwardModeError
+from mixflow_optax._jax_internals import (
   JAX_FORWARD_MODE_ERRORS,
   ForwardModeUnsupported,
   check_forward_mode_traceable,
@@ -60,7 +61,6 @@ from mixflow_optax._compat import (
   materialize_zero,
   primal_values_and_markers,
 )
-from mixflow_optax._fwdrev import ForwardModeError
 from mixflow_optax._unroll import _check_leading_axis, check_params, unroll
 
 __all__ = [
@@ -342,7 +342,7 @@ def _solve_message(spec: _Spec, relative: float, iters: int) -> str:
 
 def _report_values(spec: _Spec, grad_norm, relative, iters, converged) -> None:
   """Raises or warns (``spec.unconverged``) on concrete values; batched values too (vmap)."""
-  failures = []
+  failures: list[tuple[type[RuntimeError], str]] = []
   grad_norm = float(np.max(np.asarray(grad_norm)))
   if not grad_norm <= spec.grad_tol:
     failures.append((UnconvergedInnerError, _inner_message(spec, grad_norm)))
@@ -594,10 +594,23 @@ def implicit_meta_grad(
 
   This is the piece to build an outer loop on: pass ``grad`` to an optax
   outer optimizer and start the next inner run from ``params`` (warm start),
-  as :func:`mixflow_optax.meta_optimizer` does online. All arguments are
-  those of :func:`implicit_unroll`, plus ``outer_loss(params, meta_params,
-  batch) -> scalar`` (the signature :func:`mixflow_optax.meta_optimizer`
-  takes), whose direct dependence on ``meta_params`` is included.
+  as :func:`mixflow_optax.meta_optimizer` does online.
+
+  Args:
+    inner_loss: ``inner_loss(params, meta_params, batch) -> scalar``, as in
+      :func:`implicit_unroll`.
+    outer_loss: ``outer_loss(params, meta_params, batch) -> scalar`` (the
+      signature :func:`mixflow_optax.meta_optimizer` takes), evaluated at
+      :math:`\theta_T`; its direct dependence on ``meta_params`` is included.
+    inner_opt: the optimizer that solves the inner problem, as in
+      :func:`implicit_unroll`.
+    hyperparams_fn: as in :func:`implicit_unroll`.
+    solver: as in :func:`implicit_unroll`.
+    maxiter: as in :func:`implicit_unroll`.
+    tol: as in :func:`implicit_unroll`.
+    neumann_step: as in :func:`implicit_unroll`.
+    unconverged: as in :func:`implicit_unroll`.
+    grad_tol: as in :func:`implicit_unroll`.
 
   Returns:
     ``fn(meta_params, params, opt_state, inner_batches, outer_batch, *,

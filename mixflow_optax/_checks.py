@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
@@ -55,6 +57,22 @@ def first_non_float_leaf(tree: Any) -> tuple[str, Any] | None:
   return None
 
 
+def check_meta_params(meta_params: Any) -> None:
+  """Meta-parameters: floating-point arrays only."""
+  bad = first_non_array_leaf(meta_params)
+  if bad is not None:
+    raise TypeError(non_array_leaf_message("meta_params", *bad))
+  bad = first_non_float_leaf(meta_params)
+  if bad is not None:
+    path, dtype = bad
+    raise TypeError(
+      f"meta_params leaf {path} has dtype {dtype}; meta-parameters are learned by "
+      "gradient descent and must be floating point (e.g. jnp.asarray(x, "
+      "jnp.float32)). Keep integer constants out of meta_params (close over them "
+      "or put them in the batches)."
+    )
+
+
 def check_bool(owner: str, name: str, value: Any) -> None:
   """``value`` must be a bool: ``"no"`` or ``1`` would silently mean True."""
   if not isinstance(value, (bool, np.bool_)):
@@ -91,3 +109,149 @@ def check_finite_leaves(tree: Any, message: str, **fmt: jax.Array) -> None:
       continue
     where = jax.tree_util.keystr(path) or "<root>"
     checkify.check(jnp.all(jnp.isfinite(leaf)), message.replace("{leaf}", where), **fmt)
+
+
+# Primitives whose one sub-jaxpr maps the equation's inputs to its outputs
+# one to one: the dependence analysis looks inside them.
+_CALL_PRIMITIVES = ("pjit", "jit", "closed_call", "core_call", "checkpoint", "remat")
+
+
+def _dependence(jaxpr: Any, labels: Sequence[frozenset]) -> list[frozenset]:
+  """For each output of ``jaxpr``, the labels of the inputs its value depends on.
+
+  Data flow through the equations; inside calls (``jit``) exactly, through any
+  other equation with a sub-jaxpr (``scan``, ``cond``) conservatively: every
+  output depends on every input.
+  """
+  env: dict[Any, frozenset] = dict(zip(jaxpr.invars, labels))
+  read = lambda v: (
+    frozenset() if isinstance(v, jax.extend.core.Literal) else env.get(v, frozenset())
+  )
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    sub = eqn.params.get("jaxpr") if eqn.primitive.name in _CALL_PRIMITIVES else None
+    sub = getattr(sub, "jaxpr", sub)
+    if sub is not None and len(sub.invars) == len(ins) and len(sub.outvars) == len(eqn.outvars):
+      outs = _dependence(sub, ins)
+    else:
+      union = frozenset().union(*ins)
+      outs = [union] * len(eqn.outvars)
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _spec(x: Any) -> Any:
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  weak = isinstance(x, (int, float)) or getattr(getattr(x, "aval", None), "weak_type", False)
+  return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), weak_type=bool(weak))
+
+
+def _tangent_labels(fn: Callable, primals: Any, wrt: Any) -> tuple[list[frozenset], Any]:
+  """Which float leaves of ``primals`` (labelled by ``wrt``, a tree of labels or None) reach
+  each output leaf of ``fn`` differentiably (through ``jax.jvp``: a sign, comparison,
+  ``stop_gradient`` or integer operation ends a dependence, as it ends a derivative)."""
+  leaves, treedef = jax.tree.flatten(primals)
+  label_leaves = treedef.flatten_up_to(wrt)
+  idx = [
+    i for i, (x, lab) in enumerate(zip(leaves, label_leaves)) if lab is not None and is_float(x)
+  ]
+
+  def tangent_fn(primal_leaves, tangents):
+    def of_labelled(*xs):
+      merged = list(primal_leaves)
+      for i, x in zip(idx, xs):
+        merged[i] = x
+      return fn(treedef.unflatten(merged))
+
+    return jax.jvp(of_labelled, [primal_leaves[i] for i in idx], tangents)[1]
+
+  specs = [_spec(x) for x in leaves]
+  closed, out_shape = jax.make_jaxpr(tangent_fn, return_shape=True)(specs, [specs[i] for i in idx])
+  jaxpr = closed.jaxpr
+  n = len(leaves)
+  labels = [frozenset()] * n + [frozenset([label_leaves[i]]) for i in idx]
+  return _dependence(jaxpr, labels), out_shape
+
+
+def check_hyperparams_used(
+  inner_opt: Any, hyperparams_fn: Callable, meta_params: Any, params: Any, opt_state: Any
+) -> None:
+  """Raises if a hyperparameter derived from ``meta_params`` cannot change the inner trajectory.
+
+  Its meta-gradient would be exactly 0 at every step: a silent wrong answer
+  for whoever meant to learn it. A probe that cannot be traced (the update
+  needs more than ``(grads, state, params, hyperparams=)``) is inconclusive:
+  the run itself then reports the problem.
+  """
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # the run itself emits the same warnings
+      ignored = hyperparams_without_effect(
+        inner_opt.update, hyperparams_fn, meta_params, params, opt_state
+      )
+  except Exception:  # noqa: BLE001 - inconclusive: the run raises its own error.
+    return
+  if ignored:
+    raise ValueError(
+      f"hyperparams_fn computes hyperparameter(s) {ignored} from meta_params, but "
+      "inner_opt's update has no differentiable dependence on them: neither the updates "
+      "nor any optimizer-state entry that later updates read depend on them, or only "
+      "through a sign, comparison or integer operation (derivative 0). Their meta-"
+      "gradient would be exactly 0 at every step. Common causes: a value used only by "
+      "init (reparameterize(optax.rprop)'s learning_rate is the initial step size), a "
+      "threshold used only in a comparison (optax.radam's threshold), sign-based updates "
+      "(lion, signum: use a smooth variant), an optimizer that reads its hyperparameters "
+      "from its own state (optax.inject_hyperparams). Remove them from hyperparams_fn, "
+      "or pass a constant (jax.lax.stop_gradient(...)) to set them deliberately."
+    )
+
+
+def hyperparams_without_effect(
+  update: Callable, hyperparams_fn: Callable, meta_params: Any, params: Any, opt_state: Any
+) -> list[str]:
+  """Hyperparameters that ``hyperparams_fn`` derives from ``meta_params`` but ``update`` ignores.
+
+  A hyperparameter influences the inner trajectory when the updates depend on
+  it differentiably, directly or through an optimizer-state entry that (after
+  any number of steps) the updates depend on. One ``jax.jvp`` of the update is
+  traced (nothing runs); the answer is structural, the same at every step.
+  """
+  meta_labels = jax.tree.map(lambda _: "meta", meta_params)
+  hp_deps, hp_shape = _tangent_labels(hyperparams_fn, meta_params, meta_labels)
+  derived = {
+    path[0].key
+    for (path, _), deps in zip(jax.tree_util.tree_leaves_with_path(hp_shape), hp_deps)
+    if deps
+  }
+  if not derived:
+    return []
+  hyperparams = jax.eval_shape(hyperparams_fn, meta_params)
+  state_leaves = jax.tree.leaves(opt_state)
+  primals = (hyperparams, opt_state, params)
+  wrt = (
+    {k: jax.tree.map(lambda _, k=k: k, v) for k, v in hyperparams.items()},
+    jax.tree.unflatten(jax.tree.structure(opt_state), range(len(state_leaves))),
+    None,
+  )
+
+  def step(primals):
+    hp, state, params = primals
+    updates, new_state = update(params, state, params, hyperparams=hp)
+    return jax.tree.leaves(updates), jax.tree.leaves(new_state)
+
+  deps, (u_shape, new_state_shape) = _tangent_labels(step, primals, wrt)
+  if len(new_state_shape) != len(state_leaves):
+    return []  # a state of another structure: inconclusive
+  n_u = len(u_shape)
+  reach_updates = frozenset().union(*deps[:n_u])
+  # State entry j (new) takes the dependences of deps[n_u + j]; fixpoint over steps.
+  influential = set(reach_updates)
+  changed = True
+  while changed:
+    changed = False
+    for j, d in enumerate(deps[n_u:]):
+      if j in influential and not d <= influential:
+        influential |= d
+        changed = True
+  return sorted(k for k in derived if k not in influential)

@@ -23,10 +23,8 @@ from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
   describe,
-  first_non_array_leaf,
-  first_non_float_leaf,
-  non_array_leaf_message,
 )
+from mixflow_optax._checks import check_meta_params as _check_meta_params
 from mixflow_optax._compat import is_tracer
 from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
@@ -112,21 +110,6 @@ def _check_meta_options(
   if not isinstance(outer_opt, optax.GradientTransformation):
     raise TypeError(
       f"outer_opt must be an optax GradientTransformation, got {describe(outer_opt)}."
-    )
-
-
-def _check_meta_params(meta_params: Any) -> None:
-  bad = first_non_array_leaf(meta_params)
-  if bad is not None:
-    raise TypeError(non_array_leaf_message("meta_params", *bad))
-  bad = first_non_float_leaf(meta_params)
-  if bad is not None:
-    path, dtype = bad
-    raise TypeError(
-      f"meta_params leaf {path} has dtype {dtype}; meta-parameters are learned by "
-      "gradient descent and must be floating point (e.g. jnp.asarray(x, "
-      "jnp.float32)). Keep integer constants out of meta_params (close over them "
-      "or put them in the batches)."
     )
 
 

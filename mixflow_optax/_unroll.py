@@ -27,6 +27,7 @@ from jax.experimental import checkify
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_hyperparams_used,
   describe,
   first_non_array_leaf,
   first_non_float_leaf,
@@ -452,6 +453,8 @@ def make_run(spec: UnrollSpec) -> Callable[..., UnrollResult]:
       # is already differentiated forward-over-reverse.
       mode = "standard"
     hyperparams = _hyperparams_of(spec, meta_params)
+    if hyperparams is not None:
+      check_hyperparams_used(spec.inner_opt, spec.hyperparams_fn, meta_params, params, opt_state)
     step = _make_step(spec, value_and_grads[mode], meta_params, hyperparams)
     return _scan_steps(spec, step, (params, opt_state, model_state), inner_batches, num_steps)
 

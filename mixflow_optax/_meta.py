@@ -9,6 +9,7 @@ r"""The meta-optimizer: one object that owns the inner and the outer optimisatio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
@@ -438,8 +439,7 @@ def meta_optimizer(
     resets=reset_inner or init_params_fn is not None,
     check_finite=check_finite,
   )
-  if forward is not None:  # jax.jvp of the plain unroll; nothing to store across steps.
-    mode, remat, checkpoint_every, offload_carries = "standard", False, None, False
+  # Checked in every mode: an option that mode="forward" ignores is still a mistake if invalid.
   memory = memory_config(
     _OWNER,
     remat=remat,
@@ -448,6 +448,9 @@ def meta_optimizer(
     unroll_steps=unroll_steps,
     offload_carries=offload_carries,
   )
+  if forward is not None:  # jax.jvp of the plain unroll; nothing to store across steps.
+    mode = "standard"
+    memory = dataclasses.replace(memory, remat=False, checkpoint_every=(), offload_carries=False)
   spec = unroll_spec(
     _OWNER,
     inner_loss,

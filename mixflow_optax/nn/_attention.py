@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixflow_optax._compat import is_jvp_now
+
 __all__ = ["dot_product_attention"]
 
 Differentiation = Literal["flash", "checkpoint"]
@@ -56,6 +58,18 @@ def _large_negative(dtype: Any) -> jax.Array:
 def _ensure_4d(x: Any) -> jax.Array:
   x = jnp.asarray(x)
   return x.reshape((1,) * (4 - x.ndim) + x.shape) if x.ndim < 4 else x
+
+
+def _check_ranks(query: Any, key: Any, value: Any) -> None:
+  # Padding a 1-D or 2-D input on the left would read it as one position with
+  # many heads (or one head): refuse it, as jax.nn.dot_product_attention does.
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if jnp.ndim(x) not in (3, 4):
+      raise ValueError(
+        f"{name} must be (batch, seq, heads, head_dim) or (seq, heads, head_dim); got "
+        f"shape {jnp.shape(x)} ({jnp.ndim(x)}-D). For a single head, add the heads "
+        "axis: x[..., None, :]."
+      )
 
 
 def _check_inputs(query, key, value, bias, mask, q_len, kv_len) -> None:
@@ -337,8 +351,14 @@ def dot_product_attention(
       are plain JAX: the forward saves only the output and the softmax row
       statistics (maximum and sum),
       the backward recomputes each block's probabilities (FlashAttention-2,
-      Algorithm 2). ``jax.grad`` and ``jax.jvp`` of ``jax.grad`` work, a bare
-      ``jax.jvp`` (or ``jax.jacfwd``) of the attention does not.
+      Algorithm 2). ``jax.grad`` and ``jax.jvp`` of ``jax.grad`` use it.
+      Under a bare ``jax.jvp`` / ``jax.jacfwd`` (e.g. the outer loss of
+      ``meta_optimizer(mode="forward")``), where a ``custom_vjp`` cannot run,
+      the call switches itself to ``"checkpoint"`` (same values). It cannot
+      see a ``jax.jvp`` applied outside a ``jax.jit``, ``jax.checkpoint`` or
+      ``lax.scan`` that contains it: there JAX raises "can't apply
+      forward-mode autodiff (jvp) to a custom_vjp function"; pass
+      ``"checkpoint"`` for such uses.
       ``"checkpoint"``: plain differentiable JAX with ``jax.checkpoint`` per
       block: every transformation works (a bare ``jax.jvp`` too), with less
       memory for a plain gradient but slightly more for ``jax.jvp`` of
@@ -360,6 +380,7 @@ def dot_product_attention(
     Dao, `FlashAttention-2 <https://arxiv.org/abs/2307.08691>`_, ICLR 2024.
   """
   output_shape = jnp.shape(query)
+  _check_ranks(query, key, value)
   query, key, value = _ensure_4d(query), _ensure_4d(key), _ensure_4d(value)
   bias = None if bias is None else _ensure_4d(bias)
   mask = None if mask is None else _ensure_4d(mask)
@@ -397,7 +418,9 @@ def dot_product_attention(
     q_len,
     kv_len,
   )
-  if differentiation == "flash":
+  # Under jax.jvp / jacfwd (not of jax.grad) the custom_vjp cannot run; the
+  # plain path computes the same values and differentiates in every mode.
+  if differentiation == "flash" and not is_jvp_now():
     out = _flash(*args, cfg)
   else:
     out = _forward(*args, cfg, remat=True)[0]

@@ -18,7 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mixflow_optax.transforms._base import ReparamTransformation, per_leaf, resolve_hyperparams
+from mixflow_optax.transforms._base import (
+  ReparamTransformation,
+  check_params_leaves,
+  per_leaf,
+  resolve_hyperparams,
+)
 from mixflow_optax.transforms._transforms import safe_sqrt
 
 __all__ = ["optax_source", "reparameterize"]
@@ -282,6 +287,7 @@ def reparameterize(
     probed = set()
 
     def init_fn(params):
+      check_params_leaves(params, owner)
       leaves, treedef = jax.tree.flatten(params)
       key = (treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
       if key not in probed:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from mixflow_optax._checks import check_bool, check_meta_params
+from mixflow_optax._checks import check_bool, check_meta_params, check_outer_loss_value
 from mixflow_optax._fwdrev import Fallback
 from mixflow_optax._unroll import check_params, unroll
 from mixflow_optax.transforms._reparameterize import optax_source
@@ -80,7 +80,9 @@ def _meta_gradients(
   def meta_loss(meta_params, params):
     extra = (model_state,) if stateful else ()
     out = run(meta_params, params, inner_opt.init(params), inner_batches, *extra)
-    return outer_loss(out[0], meta_params, outer_batch, *out[2:3])
+    value = outer_loss(out[0], meta_params, outer_batch, *out[2:3])
+    check_outer_loss_value(outer_loss, value)
+    return value
 
   g_meta, g_params = jax.jit(jax.grad(meta_loss, argnums=(0, 1)))(meta_params, params)
   return {"meta_params": g_meta, "params": g_params}
@@ -250,6 +252,15 @@ def check_meta_gradient(
   standard = _meta_gradients("standard", *args, **kwargs)
   cmp = _compare(mixflow, standard, rtol, atol)
   result = MetaGradientCheck(cmp.ok, cmp.max_abs, cmp.max_rel, cmp.worst, mixflow, standard)
+  meta_leaves = jax.tree.leaves(standard["meta_params"])
+  if cmp.ok and meta_leaves and not any(np.any(np.asarray(g) != 0) for g in meta_leaves):
+    warnings.warn(
+      "check_meta_gradient: the meta-gradient w.r.t. meta_params is exactly 0 in both "
+      "modes, so the check compared nothing there. Did you forget hyperparams_fn, or does "
+      "inner_loss ignore meta_params?",
+      RuntimeWarning,
+      stacklevel=2,
+    )
   if not cmp.ok and on_mismatch != "ignore":
     if cmp.non_finite is not None:
       message = _non_finite_message(*cmp.non_finite, inner_opt)

@@ -73,6 +73,54 @@ def check_meta_params(meta_params: Any) -> None:
     )
 
 
+def check_hyperparam_values(hyperparams: dict[str, Any]) -> None:
+  """``hyperparams_fn``'s values: real numbers or arrays (a string fails deep in NumPy,
+  a complex value would be cast to real with only a warning)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(hyperparams):
+    where = jax.tree_util.keystr(path)
+    if not isinstance(leaf, _ARRAY_TYPES) or isinstance(leaf, complex):
+      bad = describe(leaf)
+    elif jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+      bad = f"complex ({jnp.result_type(leaf)})"
+    else:
+      continue
+    raise TypeError(
+      f"hyperparams_fn returned hyperparameter {where} as {bad}: hyperparameter values "
+      "must be real numbers or real arrays (e.g. jnp.exp(meta_params['log_lr']))."
+    )
+
+
+def check_outer_loss_value(outer_loss: Callable, value: Any) -> None:
+  """``outer_loss`` must return a real floating-point scalar (it is differentiated)."""
+  name = getattr(outer_loss, "__name__", repr(outer_loss))
+  if not isinstance(value, _ARRAY_TYPES):
+    got = describe(value)
+  elif jnp.shape(value) != () or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+    got = f"shape {jnp.shape(value)} and dtype {jnp.result_type(value)}"
+  else:
+    return
+  raise TypeError(
+    f"outer_loss {name!r} must return a real scalar (shape (), floating dtype), got {got}. "
+    "Reduce it (e.g. jnp.mean over the batch); return metrics from a separate function; "
+    "an integer count (accuracy) has no gradient: use a differentiable surrogate."
+  )
+
+
+def check_opt_state(init: Callable, params: Any, opt_state: Any, owner: str) -> None:
+  """``opt_state`` must have the structure ``init(params)`` gives (JAX fails obscurely otherwise)."""
+  try:
+    want = jax.tree.structure(jax.eval_shape(init, params))
+  except Exception:  # noqa: BLE001 - inconclusive: the update reports its own error
+    return
+  got = jax.tree.structure(opt_state)
+  if got != want:
+    raise TypeError(
+      f"{owner}: opt_state does not have the structure of inner_opt.init(params) (was it "
+      "made by another optimizer, or before params changed shape?): pass "
+      f"inner_opt.init(params).\n  expected: {want}\n  got:      {got}"
+    )
+
+
 def check_bool(owner: str, name: str, value: Any) -> None:
   """``value`` must be a bool: ``"no"`` or ``1`` would silently mean True."""
   if not isinstance(value, (bool, np.bool_)):

@@ -23,6 +23,7 @@ from mixflow_optax import _forward
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_outer_loss_value,
   describe,
 )
 from mixflow_optax._checks import check_meta_params as _check_meta_params
@@ -210,12 +211,7 @@ def _task_loss(
   result = meta.run(meta_params, params, inner_state, inner_batches, model_state)
   extra = (result.model_state,) if meta.spec.has_model_state else ()
   value = meta.outer_loss(result.params, meta_params, outer_batch, *extra)
-  if jnp.shape(value) != ():
-    name = getattr(meta.outer_loss, "__name__", repr(meta.outer_loss))
-    raise TypeError(
-      f"outer_loss {name!r} must return a scalar, got shape "
-      f"{jnp.shape(value)}. Reduce it (e.g. jnp.mean over the batch)."
-    )
+  check_outer_loss_value(meta.outer_loss, value)
   if meta.spec.check_finite:
     checkify.check(jnp.isfinite(value), "the outer loss is non-finite at the unrolled parameters.")
   return value, result

@@ -27,7 +27,9 @@ from jax.experimental import checkify
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_hyperparam_values,
   check_hyperparams_used,
+  check_opt_state,
   describe,
   first_non_array_leaf,
   first_non_float_leaf,
@@ -196,6 +198,7 @@ def _hyperparams_of(spec: UnrollSpec, meta_params: Any) -> dict[str, Any] | None
       f"values, got {describe(hyperparams)}. Valid names: "
       f"{sorted(spec.inner_opt.hyperparams)}."
     )
+  check_hyperparam_values(hyperparams)
   return hyperparams
 
 
@@ -444,6 +447,7 @@ def make_run(spec: UnrollSpec) -> Callable[..., UnrollResult]:
     check_params(params)
     num_steps = _check_leading_axis(inner_batches)
     _check_model_state_given(spec.has_model_state, model_state)
+    check_opt_state(spec.inner_opt.init, params, opt_state, _OWNER)
     inputs = (meta_params, params, opt_state, inner_batches, model_state)
     if spec.check_finite and is_differentiated_eagerly(inputs):
       raise ValueError(_NOT_FUNCTIONALIZED)

@@ -72,6 +72,30 @@ def _check_ranks(query: Any, key: Any, value: Any) -> None:
       )
 
 
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_options(block_size: Any, is_causal: Any, window: Any) -> tuple:
+  """``block_size`` a positive int, ``is_causal`` a bool, the window non-negative ints."""
+  if not _is_int(block_size) or block_size < 1:
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(f"is_causal must be True or False, got {is_causal!r}.")
+  if _is_int(window):
+    window = (window, window)
+  if window is not None and (
+    not isinstance(window, (tuple, list))
+    or len(window) != 2
+    or not all(_is_int(w) and w >= 0 for w in window)
+  ):
+    raise ValueError(
+      f"local_window_size must be a non-negative int or a pair (left, right) of them, got "
+      f"{window!r}."
+    )
+  return int(block_size), bool(is_causal), window
+
+
 def _check_inputs(query, key, value, bias, mask, q_len, kv_len) -> None:
   if key.ndim != 4 or query.ndim != 4:
     raise ValueError(
@@ -389,8 +413,9 @@ def dot_product_attention(
   _check_inputs(query, key, value, bias, mask, q_len, kv_len)
   if differentiation not in ("flash", "checkpoint"):
     raise ValueError(f'differentiation must be "flash" or "checkpoint", got {differentiation!r}.')
-  if isinstance(local_window_size, int):
-    local_window_size = (local_window_size, local_window_size)
+  block_size, is_causal, local_window_size = _check_options(
+    block_size, is_causal, local_window_size
+  )
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
   block = max(1, min(int(block_size), s))

@@ -406,5 +406,90 @@ class ForwardModeOptionsTest(helpers.TestCase):
       )
 
 
+# Found by trying further misuse (see the commit message for the list of cases tried).
+
+
+class HyperparamValuesTest(helpers.TestCase):
+  @parameterized.named_parameters(
+    ("string", lambda m: {"learning_rate": "0.1"}, r"as a str"),
+    ("complex", lambda m: {"learning_rate": jnp.exp(m) + 0j}, r"as complex"),
+  )
+  def test_real_values_only(self, fn, regex):
+    opt = mfo.transforms.sgd(0.1)
+    run = mfo.unroll(_loss, opt, hyperparams_fn=fn)
+    with self.assertRaisesRegex(TypeError, rf"\['learning_rate'\] {regex}.*real"):
+      jax.grad(lambda m: jnp.sum(run(m, _W0, opt.init(_W0), _XS)[0]))(0.1)
+
+
+class OuterLossValueTest(helpers.TestCase):
+  @parameterized.named_parameters(
+    ("tuple", lambda p, m, b: (_loss(p, m, b), 1.0), r"got a tuple of 2"),
+    ("integer", lambda p, m, b: jnp.sum(p > 0), r"dtype int32.*surrogate"),
+    ("vector", lambda p, m, b: p, r"shape \(4,\)"),
+  )
+  def test_real_scalar_only(self, outer, regex):
+    opt = mfo.transforms.sgd(0.1)
+    mo = mfo.meta_optimizer(_loss, outer, opt, optax.sgd(0.1))
+    with self.assertRaisesRegex(TypeError, rf"must return a real scalar.*{regex}"):
+      mo.step(mo.init(jnp.zeros(()), _W0), _XS, _XS[0])
+    with self.assertRaisesRegex(TypeError, rf"must return a real scalar.*{regex}"):
+      mfo.check_meta_gradient(_loss, outer, opt, 0.1, _W0, _XS, _XS[0])
+
+
+class OptStateStructureTest(helpers.TestCase):
+  @parameterized.parameters(((),), (None,), ("sgd",))
+  def test_state_of_another_optimizer(self, state):
+    state = mfo.transforms.sgd(0.1).init(_W0) if state == "sgd" else state
+    run = mfo.unroll(_loss, mfo.transforms.adam(0.1))
+    with self.assertRaisesRegex(TypeError, r"opt_state does not have the structure.*init"):
+      run(0.1, _W0, state, _XS)
+
+
+class TrivialCheckTest(helpers.TestCase):
+  def test_warns_when_meta_gradient_is_identically_zero(self):
+    with self.assertWarnsRegex(RuntimeWarning, r"exactly 0 in both modes.*hyperparams_fn"):
+      result = mfo.check_meta_gradient(_loss, _loss, mfo.transforms.sgd(0.1), 0.1, _W0, _XS, _XS[0])
+    self.assertTrue(result.ok)
+
+
+class ChunkedCrossEntropyLabelsTest(helpers.TestCase):
+  def _args(self):
+    h = jax.random.normal(jax.random.key(0), (3, 4))
+    return h, jax.random.normal(jax.random.key(1), (4, 5))
+
+  @parameterized.parameters(-1, -100, 5)
+  def test_concrete_labels_out_of_range(self, bad):
+    with self.assertRaisesRegex(ValueError, rf"\[0, 5\).*labels\[1\] = {bad}.*weight 0"):
+      mfo.nn.chunked_cross_entropy(*self._args(), jnp.array([0, bad, 2]))
+
+  @parameterized.parameters(-1, 5)
+  def test_traced_labels_out_of_range_are_nan_not_another_class(self, bad):
+    h, w = self._args()
+    got = jax.jit(mfo.nn.chunked_cross_entropy)(h, w, jnp.array([0, bad, 2]))
+    want = mfo.nn.chunked_cross_entropy(h, w, jnp.array([0, 1, 2]))
+    self.assertTrue(np.isnan(got[1]))
+    chex.assert_trees_all_close(got[::2], want[::2])
+
+  @parameterized.parameters(0, -3, 2.5, True)
+  def test_chunk_size(self, bad):
+    with self.assertRaisesRegex((TypeError, ValueError), "chunk_size must be a positive int"):
+      mfo.nn.chunked_cross_entropy(*self._args(), jnp.array([0, 1, 2]), chunk_size=bad)
+
+
+class AttentionOptionsTest(helpers.TestCase):
+  @parameterized.named_parameters(
+    ("block_zero", {"block_size": 0}, ValueError, "block_size must be a positive int"),
+    ("block_float", {"block_size": 2.5}, ValueError, "block_size must be a positive int"),
+    ("block_bool", {"block_size": True}, ValueError, "block_size must be a positive int"),
+    ("causal_string", {"is_causal": "no"}, TypeError, "is_causal must be True or False"),
+    ("window_negative", {"local_window_size": (-1, 2)}, ValueError, "local_window_size"),
+    ("window_triple", {"local_window_size": (1, 2, 3)}, ValueError, "local_window_size"),
+  )
+  def test_options(self, kw, error, regex):
+    x = jnp.ones((5, 2, 4))
+    with self.assertRaisesRegex(error, regex):
+      mfo.nn.dot_product_attention(x, x, x, **kw)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -503,7 +503,10 @@ def unroll(
     hyperparams_fn: ``hyperparams_fn(meta_params) -> dict`` passed as
       ``hyperparams=`` to ``inner_opt.update`` at every step (e.g.
       ``lambda m: {"learning_rate": jnp.exp(m["log_lr"])}``). It is evaluated
-      once per ``run``, outside the loop.
+      once per ``run``, outside the loop. A hyperparameter it derives from
+      ``meta_params`` that the update cannot be influenced by (init-only,
+      only compared, only through a sign) would get an exactly zero
+      meta-gradient: ``run`` raises a ``ValueError`` naming it.
     mode: ``"mixflow"`` (default): inner gradients by
       :func:`fwdrev_value_and_grad`, differentiated forward-over-reverse.
       ``"standard"``: plain ``jax.value_and_grad`` inside (reverse-over-reverse

@@ -225,7 +225,16 @@ def reparameterize(
   Numerics: stock optax numerics are inherited. In particular the
   Adam-family square root at exactly zero gradients gives NaN meta-gradients
   (optax's ``eps_root > 0`` avoids it); the hand-written transforms in
-  :mod:`mixflow_optax.transforms` are exact and finite there.
+  :mod:`mixflow_optax.transforms` are exact and finite there. One exception:
+  ``optax.radam``, whose stock update takes the square root of a negative
+  number in the discarded branch of a ``jnp.where`` at steps 3-4 (NaN
+  meta-gradients from the third step), is rebuilt from a copy with the same
+  state and values, finite there and exact at zero gradients.
+
+  Not factories: ``optax.chain`` / ``optax.named_chain`` (``*args``; use
+  :func:`mixflow_optax.transforms.chain`) raise here, and a factory wrapped
+  in ``optax.inject_hyperparams`` (which reads its hyperparameters from its
+  state) raises at ``init``.
 
   A factory that uses a numeric argument in Python control flow or in a shape
   (``optax.adafactor``'s ``min_dim_size_to_factor``) cannot take a traced

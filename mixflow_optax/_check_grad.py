@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -268,14 +269,35 @@ def check_meta_gradient(
       message = (
         f"the mixflow meta-gradient differs from standard backpropagation: max abs "
         f"difference {cmp.max_abs:.3g}, max relative (past atol) {cmp.max_rel:.3g} (worst "
-        f"at {cmp.worst}), past rtol={rtol:g}, atol={atol:g}. The inner loss likely has a "
-        "custom_jvp/custom_vjp rule that is not its true derivative (straight-through "
-        "estimator, quantisation, clipping in a backward rule): use mode='standard' for it."
+        f"at {cmp.worst}), past rtol={rtol:g}, atol={atol:g}. "
       )
+      low = _low_precision_dtype((meta_params, params))
+      if low is not None:
+        message += (
+          f"The inputs are {low}, whose round-off alone (~{float(jnp.finfo(low).eps):.1g} "
+          "per operation) exceeds these tolerances: run the check in float32 or float64 "
+          "(cast meta_params and params), or loosen rtol/atol. Otherwise, the inner loss "
+          "may have a custom_jvp/custom_vjp rule that is not its true derivative."
+        )
+      else:
+        message += (
+          "The inner loss likely has a custom_jvp/custom_vjp rule that is not its true "
+          "derivative (straight-through estimator, quantisation, clipping in a backward "
+          "rule): use mode='standard' for it."
+        )
     if on_mismatch == "raise":
       raise MetaGradientMismatchError(message)
     warnings.warn(message, RuntimeWarning, stacklevel=2)
   return result
+
+
+def _low_precision_dtype(tree: Any) -> Any:
+  """The first floating dtype in ``tree`` less precise than float32 (bfloat16, float16), else None."""
+  for leaf in jax.tree.leaves(tree):
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).eps > jnp.finfo(np.float32).eps:
+      return dtype
+  return None
 
 
 def _check_tolerance(name: str, value: Any) -> float:

@@ -452,6 +452,15 @@ class TrivialCheckTest(helpers.TestCase):
     self.assertTrue(result.ok)
 
 
+class LowPrecisionCheckTest(helpers.TestCase):
+  def test_bfloat16_mismatch_blames_the_precision(self):
+    params = jnp.asarray(_W0, jnp.bfloat16)
+    with self.assertRaisesRegex(mfo.MetaGradientMismatchError, r"bfloat16.*float32 or float64"):
+      mfo.check_meta_gradient(
+        _loss, _loss, mfo.transforms.sgd(0.1), jnp.log(0.1), params, _XS, _XS[0], hyperparams_fn=_lr
+      )
+
+
 class ChunkedCrossEntropyLabelsTest(helpers.TestCase):
   def _args(self):
     h = jax.random.normal(jax.random.key(0), (3, 4))

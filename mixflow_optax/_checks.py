@@ -195,12 +195,17 @@ def _spec(x: Any) -> Any:
   return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), weak_type=bool(weak))
 
 
-def _tangent_labels(fn: Callable, primals: Any, wrt: Any) -> tuple[list[frozenset], Any]:
-  """Which float leaves of ``primals`` (labelled by ``wrt``, a tree of labels or None) reach
-  each output leaf of ``fn`` differentiably (through ``jax.jvp``: a sign, comparison,
-  ``stop_gradient`` or integer operation ends a dependence, as it ends a derivative)."""
+def _tangent_labels(
+  fn: Callable, primals: Any, labels: Sequence[Any]
+) -> tuple[list[frozenset], Any]:
+  """Which labelled float leaves of ``primals`` reach each output leaf of ``fn`` differentiably.
+
+  ``labels`` has one entry per leaf of ``primals`` (None: not followed). The
+  dependence is that of ``jax.jvp``: a sign, comparison, ``stop_gradient`` or
+  integer operation ends it, as it ends a derivative.
+  """
   leaves, treedef = jax.tree.flatten(primals)
-  label_leaves = treedef.flatten_up_to(wrt)
+  label_leaves = list(labels)
   idx = [
     i for i, (x, lab) in enumerate(zip(leaves, label_leaves)) if lab is not None and is_float(x)
   ]
@@ -222,6 +227,15 @@ def _tangent_labels(fn: Callable, primals: Any, wrt: Any) -> tuple[list[frozense
   return _dependence(jaxpr, labels), out_shape
 
 
+# The answer is structural (shapes, dtypes, trees): computed once per combination.
+_USED_CACHE: dict[Any, list[str]] = {}
+
+
+def _structure_key(tree: Any) -> Any:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
+
+
 def check_hyperparams_used(
   inner_opt: Any, hyperparams_fn: Callable, meta_params: Any, params: Any, opt_state: Any
 ) -> None:
@@ -232,14 +246,21 @@ def check_hyperparams_used(
   needs more than ``(grads, state, params, hyperparams=)``) is inconclusive:
   the run itself then reports the problem.
   """
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")  # the run itself emits the same warnings
-      ignored = hyperparams_without_effect(
-        inner_opt.update, hyperparams_fn, meta_params, params, opt_state
-      )
-  except Exception:  # noqa: BLE001 - inconclusive: the run raises its own error.
-    return
+  key = (inner_opt.update, hyperparams_fn, _structure_key((meta_params, params, opt_state)))
+  if key in _USED_CACHE:
+    ignored = _USED_CACHE[key]
+  else:
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run itself emits the same warnings
+        ignored = hyperparams_without_effect(
+          inner_opt.update, hyperparams_fn, meta_params, params, opt_state
+        )
+    except Exception:  # noqa: BLE001 - inconclusive: the run raises its own error.
+      ignored = []
+    if len(_USED_CACHE) >= 64:
+      _USED_CACHE.clear()
+    _USED_CACHE[key] = ignored
   if ignored:
     raise ValueError(
       f"hyperparams_fn computes hyperparameter(s) {ignored} from meta_params, but "
@@ -265,7 +286,7 @@ def hyperparams_without_effect(
   any number of steps) the updates depend on. One ``jax.jvp`` of the update is
   traced (nothing runs); the answer is structural, the same at every step.
   """
-  meta_labels = jax.tree.map(lambda _: "meta", meta_params)
+  meta_labels = ["meta"] * len(jax.tree.leaves(meta_params))
   hp_deps, hp_shape = _tangent_labels(hyperparams_fn, meta_params, meta_labels)
   derived = {
     path[0].key
@@ -277,11 +298,8 @@ def hyperparams_without_effect(
   hyperparams = jax.eval_shape(hyperparams_fn, meta_params)
   state_leaves = jax.tree.leaves(opt_state)
   primals = (hyperparams, opt_state, params)
-  wrt = (
-    {k: jax.tree.map(lambda _, k=k: k, v) for k, v in hyperparams.items()},
-    jax.tree.unflatten(jax.tree.structure(opt_state), range(len(state_leaves))),
-    None,
-  )
+  hp_labels = [path[0].key for path, _ in jax.tree_util.tree_leaves_with_path(hyperparams)]
+  wrt = hp_labels + list(range(len(state_leaves))) + [None] * len(jax.tree.leaves(params))
 
   def step(primals):
     hp, state, params = primals

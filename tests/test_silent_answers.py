@@ -194,6 +194,19 @@ class IgnoredHyperparamsTest(helpers.F64TestCase):
     with self.assertRaisesRegex(ValueError, rf"\['{name}'\].*exactly 0.*{hint}"):
       run(jnp.log(0.1), _W0, opt.init(_W0), _XS)
 
+  def test_refused_with_nested_params(self):
+    params = {"a": {"w": _W0[:2]}, "b": [_W0[2:3], _W0[3:]]}
+    loss = lambda p, m, x: _loss(jnp.concatenate([p["a"]["w"], *p["b"]]), m, x)
+    opt = R(optax.rprop)(0.05)
+    run = mfo.unroll(loss, opt, hyperparams_fn=_lr)
+    with self.assertRaisesRegex(ValueError, r"\['learning_rate'\].*exactly 0"):
+      run(jnp.log(0.1), params, opt.init(params), _XS)
+    opt = mfo.transforms.adam(0.05)  # every hyperparameter used: runs
+    run = mfo.unroll(
+      loss, opt, hyperparams_fn=lambda m: {"learning_rate": jnp.exp(m), "b2": 0.9 + m}
+    )
+    run(jnp.log(0.1), params, opt.init(params), _XS)
+
   def test_refused_in_meta_optimizer_and_check(self):
     opt = R(optax.rprop)(0.05)
     mo = mfo.meta_optimizer(_loss, _loss, opt, optax.sgd(0.1), hyperparams_fn=_lr)

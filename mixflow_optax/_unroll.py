@@ -161,7 +161,12 @@ def _check_leading_axis(inner_batches: Any) -> int:
 
 
 def check_params(params: Any) -> None:
-  """Inner parameters: floating-point arrays only."""
+  """Inner parameters: floating-point arrays only, at least one."""
+  if not jax.tree.leaves(params):
+    raise ValueError(
+      f"params is {describe(params)} with no arrays: there is nothing for the inner "
+      "optimizer to train. Pass the model's parameters (a pytree of float arrays)."
+    )
   bad = first_non_array_leaf(params)
   if bad is not None:
     raise TypeError(non_array_leaf_message("params", *bad))

@@ -474,6 +474,25 @@ class LowPrecisionCheckTest(helpers.TestCase):
       )
 
 
+class EmptyParamsTest(helpers.TestCase):
+  @parameterized.parameters(({},), ((),), ({"layers": []},))
+  def test_nothing_to_train(self, params):
+    opt = mfo.transforms.sgd(0.1)
+    with self.assertRaisesRegex(ValueError, "no arrays: there is nothing"):
+      mfo.unroll(lambda p, m, x: jnp.sum(x), opt)(0.1, params, opt.init(params), _XS)
+    with self.assertRaisesRegex(ValueError, "no arrays: there is nothing"):
+      mfo.meta_optimizer(_loss, _loss, opt, optax.sgd(0.1)).init(jnp.zeros(()), params)
+
+
+class LearnedOptimizerStateTest(helpers.TestCase):
+  def test_state_of_other_parameters(self):
+    lopt = mfo.transforms.mlp_lopt(jax.random.PRNGKey(0), hidden_sizes=(4,))
+    with self.assertRaisesRegex(ValueError, r"gradient and state have different tree structures"):
+      lopt.update(_W0, lopt.init({"a": _W0}), _W0)
+    with self.assertRaisesRegex(ValueError, r"gradient and params have different tree structures"):
+      lopt.update(_W0, lopt.init(_W0), {"a": _W0})
+
+
 class ChunkedCrossEntropyLabelsTest(helpers.TestCase):
   def _args(self):
     h = jax.random.normal(jax.random.key(0), (3, 4))

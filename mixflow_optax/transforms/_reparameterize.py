@@ -163,7 +163,12 @@ def _radam(
 
 # Stock optax factories whose plain autodiff is NaN where the maths is finite,
 # replaced by a copy with the same signature, state and values.
-_NAN_SAFE = {optax.radam: _radam}
+# Only while the signatures agree (a new optax argument falls back to stock optax).
+_NAN_SAFE = {
+  stock: safe
+  for stock, safe in ((optax.radam, _radam),)
+  if list(inspect.signature(stock).parameters) == list(inspect.signature(safe).parameters)
+}
 
 
 def optax_source(transform: Any) -> str | None:

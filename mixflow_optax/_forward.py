@@ -210,6 +210,7 @@ def _jvp_meta(
   tangents: ForwardTangents | None,
 ) -> tuple[jax.Array, UnrollResult, Any, ForwardTangents | None]:
   """:func:`_jvp_meta_unchecked`, with forward-mode failures reported as such."""
+  forward_size(args[0], spec.max_elements)  # our own error: raised before the handler below
   try:
     return _jvp_meta_unchecked(spec, task_loss, args, batches, tangents)
   except JAX_FORWARD_MODE_ERRORS as err:

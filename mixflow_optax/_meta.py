@@ -23,10 +23,10 @@ from mixflow_optax import _forward
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_meta_params,
   check_outer_loss_value,
   describe,
 )
-from mixflow_optax._checks import check_meta_params as _check_meta_params
 from mixflow_optax._compat import is_tracer
 from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
@@ -148,7 +148,7 @@ def _init_inner_state(meta: _Meta, params: Any) -> Any:
 
 
 def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = None) -> MetaState:
-  _check_meta_params(meta_params)
+  check_meta_params(meta_params)
   _check_init_args(meta, params, model_state)
   meta_params, params, model_state = _copy_arrays((meta_params, params, model_state))
   if meta.init_params_fn is not None:

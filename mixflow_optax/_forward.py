@@ -43,7 +43,6 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from mixflow_optax._checks import check_bool, check_positive_int, is_float
-from mixflow_optax._compat import JAX_FORWARD_MODE_ERRORS
 from mixflow_optax._config import MODES
 from mixflow_optax._fwdrev import ForwardModeError
 from mixflow_optax._unroll import UnrollResult
@@ -213,7 +212,9 @@ def _jvp_meta(
   forward_size(args[0], spec.max_elements)  # our own error: raised before the handler below
   try:
     return _jvp_meta_unchecked(spec, task_loss, args, batches, tangents)
-  except JAX_FORWARD_MODE_ERRORS as err:
+  except (TypeError, NotImplementedError) as err:
+    # JAX's error for a custom_vjp under jax.jvp is a TypeError (a missing jvp
+    # rule: NotImplementedError); other errors are the caller's, left alone.
     if isinstance(err, ForwardModeError):
       raise
     try:  # the same computation without jax.jvp: does it trace?

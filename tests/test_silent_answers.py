@@ -377,6 +377,10 @@ class AttentionForwardModeTest(helpers.F64TestCase):
     with self.assertRaisesRegex(mfo.ForwardModeError, r"differentiation='checkpoint'"):
       mo.step(mo.init(jnp.zeros(()), w), x, x[0])
 
+
+class ForwardModeUserErrorTest(helpers.TestCase):
+  # Not in an F64TestCase: with JAX 0.10, re-tracing a function that raises,
+  # under jax.enable_x64, could leave float64 avals for a later float32 trace.
   def test_user_errors_under_forward_mode_stay_as_they_are(self):
     def outer(w, m, x):
       raise ValueError("my own bug")

@@ -44,6 +44,7 @@ from jax.flatten_util import ravel_pytree
 
 from mixflow_optax._checks import check_bool, check_positive_int, is_float
 from mixflow_optax._config import MODES
+from mixflow_optax._fwdrev import ForwardModeError
 from mixflow_optax._unroll import UnrollResult
 
 __all__ = [
@@ -186,7 +187,44 @@ def initial_tangents(
   return ForwardTangents(zeros(params), zeros(inner_state), zeros(model_state))
 
 
+def _forward_mode_message(err: Exception) -> str:
+  return (
+    "meta_optimizer(mode='forward') differentiates the unrolled inner steps and the "
+    "outer loss with jax.jvp, and they contain an operation that JAX cannot "
+    f"differentiate in forward mode. JAX said: {type(err).__name__}: {err}\n"
+    "This is usually a jax.custom_vjp function: a fused attention or Pallas kernel, or "
+    "mfo.nn.dot_product_attention(differentiation='flash') inside jax.checkpoint, "
+    "lax.scan or jax.jit (nnx.remat, nnx.scan), where it cannot switch itself to its "
+    "forward-differentiable path. Fixes: pass differentiation='checkpoint' to that "
+    "attention (functools.partial(mfo.nn.flax_attention, differentiation='checkpoint') "
+    "in Flax), or use a reverse mode (mode='mixflow', the default)."
+  )
+
+
 def _jvp_meta(
+  spec: ForwardSpec,
+  task_loss: Callable[..., tuple[jax.Array, UnrollResult]],
+  args: tuple,
+  batches: tuple,
+  tangents: ForwardTangents | None,
+) -> tuple[jax.Array, UnrollResult, Any, ForwardTangents | None]:
+  """:func:`_jvp_meta_unchecked`, with forward-mode failures reported as such."""
+  forward_size(args[0], spec.max_elements)  # our own error: raised before the handler below
+  try:
+    return _jvp_meta_unchecked(spec, task_loss, args, batches, tangents)
+  except (TypeError, NotImplementedError) as err:
+    # JAX's error for a custom_vjp under jax.jvp is a TypeError (a missing jvp
+    # rule: NotImplementedError); other errors are the caller's, left alone.
+    if isinstance(err, ForwardModeError):
+      raise
+    try:  # the same computation without jax.jvp: does it trace?
+      jax.eval_shape(lambda: task_loss(*args, *batches))
+    except Exception:  # noqa: BLE001 - the error is not forward mode's: raise the original
+      raise err from None
+    raise ForwardModeError(_forward_mode_message(err)) from err
+
+
+def _jvp_meta_unchecked(
   spec: ForwardSpec,
   task_loss: Callable[..., tuple[jax.Array, UnrollResult]],
   args: tuple,

@@ -24,6 +24,13 @@ try:  # Tracer classes of forward-mode autodiff (jax.jvp) and of reverse mode.
 except ImportError:  # pragma: no cover - other JAX layouts
   _JVP_TRACERS = ()
 
+try:  # The current trace, and the kinds of traces a custom_vjp call is processed by.
+  from jax._src.core import trace_ctx as _trace_ctx
+  from jax._src.interpreters.ad import JVPTrace as _JVPTrace
+  from jax._src.interpreters.batching import BatchTrace as _BatchTrace
+except ImportError:  # pragma: no cover - other JAX layouts
+  _trace_ctx, _JVPTrace, _BatchTrace = None, (), ()  # type: ignore[misc,assignment]
+
 __all__ = [
   "ForwardModeUnsupported",
   "JAX_FORWARD_MODE_ERRORS",
@@ -31,6 +38,7 @@ __all__ = [
   "is_differentiated_eagerly",
   "is_staging",
   "is_forward_mode_traced",
+  "is_jvp_now",
   "is_symbolic_zero",
   "is_tracer",
   "materialize_zero",
@@ -68,6 +76,21 @@ def is_forward_mode_traced(tree: Any) -> bool:
         return True
       x = getattr(x, "primal", getattr(x, "val", None))
   return False
+
+
+def is_jvp_now() -> bool:
+  """Whether a ``custom_vjp`` function called now would meet ``jax.jvp`` (and fail).
+
+  The innermost transformation processes the call: ``vmap`` passes it on to
+  the next one, ``jax.jvp`` / ``jacfwd`` cannot run it, reverse mode
+  (``grad``, also ``jax.jvp`` of ``jax.grad``) and staging (``jit``, ``scan``,
+  ``checkpoint``) can. A ``jax.jvp`` applied outside a staged function is not
+  visible here: JAX then raises when it differentiates the staged call.
+  """
+  trace = getattr(_trace_ctx, "trace", None)
+  while isinstance(trace, _BatchTrace):
+    trace = getattr(trace, "parent_trace", None)
+  return isinstance(trace, _JVPTrace)
 
 
 def is_staging() -> bool:

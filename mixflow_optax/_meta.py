@@ -9,6 +9,7 @@ r"""The meta-optimizer: one object that owns the inner and the outer optimisatio
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
@@ -22,11 +23,10 @@ from mixflow_optax import _forward
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_meta_params,
+  check_outer_loss_value,
   check_positive_int,
   describe,
-  first_non_array_leaf,
-  first_non_float_leaf,
-  non_array_leaf_message,
 )
 from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
@@ -185,21 +185,6 @@ def _check_meta_options(
     )
 
 
-def _check_meta_params(meta_params: Any) -> None:
-  bad = first_non_array_leaf(meta_params)
-  if bad is not None:
-    raise TypeError(non_array_leaf_message("meta_params", *bad))
-  bad = first_non_float_leaf(meta_params)
-  if bad is not None:
-    path, dtype = bad
-    raise TypeError(
-      f"meta_params leaf {path} has dtype {dtype}; meta-parameters are learned by "
-      "gradient descent and must be floating point (e.g. jnp.asarray(x, "
-      "jnp.float32)). Keep integer constants out of meta_params (close over them "
-      "or put them in the batches)."
-    )
-
-
 def _check_init_args(meta: _MetaSpec, params: Any, model_state: Any) -> None:
   # Missing or unexpected arguments are TypeErrors, as in Python and in unroll's run.
   if meta.spec.has_model_state and model_state is None:
@@ -235,7 +220,7 @@ def _init_inner_state(meta: _MetaSpec, params: Any) -> Any:
 def _init(
   meta: _MetaSpec, meta_params: Any, params: Any = None, model_state: Any = None
 ) -> MetaState:
-  _check_meta_params(meta_params)
+  check_meta_params(meta_params)
   _check_init_args(meta, params, model_state)
   meta_params, params, model_state = _copy_arrays((meta_params, params, model_state))
   if meta.population is not None:
@@ -386,12 +371,7 @@ def _task_loss(
   result = meta.run(meta_params, params, inner_state, inner_batches, model_state, step_offset)
   extra = (result.model_state,) if meta.spec.has_model_state else ()
   value = meta.outer_loss(result.params, meta_params, outer_batch, *extra)
-  if jnp.shape(value) != ():
-    name = getattr(meta.outer_loss, "__name__", repr(meta.outer_loss))
-    raise TypeError(
-      f"outer_loss {name!r} must return a scalar, got shape "
-      f"{jnp.shape(value)}. Reduce it (e.g. jnp.mean over the batch)."
-    )
+  check_outer_loss_value(meta.outer_loss, value)
   if meta.spec.check_finite:
     checkify.check(jnp.isfinite(value), "the outer loss is non-finite at the unrolled parameters.")
   return value, result
@@ -793,8 +773,7 @@ def meta_optimizer(
     resets=reset_inner or init_params_fn is not None,
     check_finite=check_finite,
   )
-  if forward is not None:  # jax.jvp of the plain unroll; nothing to store across steps.
-    mode, remat, checkpoint_every, offload_carries = "standard", False, None, False
+  # Checked in every mode: an option that mode="forward" ignores is still a mistake if invalid.
   memory = memory_config(
     _OWNER,
     remat=remat,
@@ -803,6 +782,9 @@ def meta_optimizer(
     unroll_steps=unroll_steps,
     offload_carries=offload_carries,
   )
+  if forward is not None:  # jax.jvp of the plain unroll; nothing to store across steps.
+    mode = "standard"
+    memory = dataclasses.replace(memory, remat=False, checkpoint_every=(), offload_carries=False)
   spec = unroll_spec(
     _OWNER,
     inner_loss,

@@ -28,6 +28,9 @@ from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
   check_float_tree,
+  check_hyperparam_values,
+  check_hyperparams_used,
+  check_opt_state,
   describe,
   is_float,
 )
@@ -184,7 +187,12 @@ def _non_float_params_message(path: str, dtype: Any) -> str:
 
 
 def check_params(params: Any) -> None:
-  """Inner parameters: floating-point arrays only."""
+  """Inner parameters: floating-point arrays only, at least one."""
+  if not jax.tree.leaves(params):
+    raise ValueError(
+      f"params is {describe(params)} with no arrays: there is nothing for the inner "
+      "optimizer to train. Pass the model's parameters (a pytree of float arrays)."
+    )
   check_float_tree("params", params, _non_float_params_message)
 
 
@@ -212,6 +220,7 @@ def hyperparams_of(spec: UnrollSpec, meta_params: Any, *step: jax.Array) -> dict
       f"values, got {describe(hyperparams)}. Valid names: "
       f"{sorted(spec.inner_opt.hyperparams)}."
     )
+  check_hyperparam_values(hyperparams)
   return hyperparams
 
 
@@ -487,6 +496,7 @@ def make_run(spec: UnrollSpec) -> Callable[..., UnrollResult]:
     check_params(params)
     num_steps = _check_leading_axis(inner_batches)
     _check_model_state_given(spec.has_model_state, model_state)
+    check_opt_state(spec.inner_opt.init, params, opt_state, _OWNER)
     inputs = (meta_params, params, opt_state, inner_batches, model_state)
     if spec.check_finite and is_differentiated_eagerly(inputs):
       raise ValueError(_NOT_FUNCTIONALIZED)
@@ -497,6 +507,15 @@ def make_run(spec: UnrollSpec) -> Callable[..., UnrollResult]:
       mode = "standard"
     offset = _step_offset(step_offset)
     hyperparams = None if spec.hyperparams_per_step else hyperparams_of(spec, meta_params)
+    if spec.hyperparams_fn is not None:
+      check_hyperparams_used(
+        spec.inner_opt,
+        spec.hyperparams_fn,
+        meta_params,
+        params,
+        opt_state,
+        per_step=spec.hyperparams_per_step,
+      )
     step = _make_step(spec, value_and_grads[mode], meta_params, hyperparams, offset)
     return _scan_steps(spec, step, (params, opt_state, model_state), inner_batches, num_steps)
 
@@ -543,7 +562,10 @@ def unroll(
       ``hyperparams=`` to ``inner_opt.update`` at every step (e.g.
       ``lambda m: {"learning_rate": jnp.exp(m["log_lr"])}``). It is evaluated
       once per ``run``, outside the loop (with ``hyperparams_per_step``, once
-      per inner step).
+      per inner step). A hyperparameter it derives from
+      ``meta_params`` that the update cannot be influenced by (init-only,
+      only compared, only through a sign) would get an exactly zero
+      meta-gradient: ``run`` raises a ``ValueError`` naming it.
     mode: ``"mixflow"`` (default): inner gradients by
       :func:`fwdrev_value_and_grad`, differentiated forward-over-reverse.
       ``"standard"``: plain :func:`jax.value_and_grad` inside (reverse-over-reverse

@@ -170,15 +170,17 @@ class AttentionTest(helpers.F64TestCase):
     for out in outs[1:]:
       chex.assert_trees_all_close(out, outs[0], rtol=1e-13, atol=1e-13)
 
-  def test_checkpoint_supports_forward_mode_flash_does_not(self):
+  def test_forward_mode_checkpoint_and_flash_switching_to_it(self):
     floats, _ = _case()
     args = (floats["q"], floats["k"], floats["v"])
     f = lambda q, d: mfo.nn.dot_product_attention(q, *args[1:], differentiation=d)
-    jvp = jax.jvp(lambda q: f(q, "checkpoint"), (args[0],), (args[0],))[1]
     want = jax.jvp(lambda q: _naive_attention(q, *args[1:]), (args[0],), (args[0],))[1]
-    chex.assert_trees_all_close(jvp, want, rtol=1e-12, atol=1e-12)
+    for d in ("checkpoint", "flash"):  # flash sees the jvp and runs the checkpoint path
+      jvp = jax.jvp(lambda q, d=d: f(q, d), (args[0],), (args[0],))[1]
+      chex.assert_trees_all_close(jvp, want, rtol=1e-12, atol=1e-12)
+    # A jvp outside a staged call (jit, checkpoint, scan) is invisible from inside: JAX raises.
     with self.assertRaises(TypeError):
-      jax.jvp(lambda q: f(q, "flash"), (args[0],), (args[0],))
+      jax.jvp(jax.checkpoint(lambda q: f(q, "flash")), (args[0],), (args[0],))
 
   @parameterized.named_parameters(
     ("value_shape", dict(v=(2, 13, 2, 5)), "value must have"),

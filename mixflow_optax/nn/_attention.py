@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixflow_optax._jax_internals import is_jvp_now
+
 __all__ = ["dot_product_attention"]
 
 Differentiation = Literal["flash", "checkpoint"]
@@ -56,6 +58,48 @@ def _large_negative(dtype: Any) -> jax.Array:
 def _ensure_4d(x: Any) -> jax.Array:
   x = jnp.asarray(x)
   return x.reshape((1,) * (4 - x.ndim) + x.shape) if x.ndim < 4 else x
+
+
+def _check_ranks(query: Any, key: Any, value: Any) -> None:
+  # Padding a 1-D or 2-D input on the left would read it as one position with
+  # many heads (or one head): refuse it, as jax.nn.dot_product_attention does.
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if jnp.ndim(x) not in (3, 4):
+      raise ValueError(
+        f"{name} must be (batch, seq, heads, head_dim) or (seq, heads, head_dim); got "
+        f"shape {jnp.shape(x)} ({jnp.ndim(x)}-D). For a single head, add the heads "
+        "axis: x[..., None, :]."
+      )
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_options(
+  block_size: Any, is_causal: Any, window: Any
+) -> tuple[int, bool, tuple[int, int] | None]:
+  """``block_size`` a positive int, ``is_causal`` a bool, the window non-negative ints."""
+  if not _is_int(block_size) or block_size < 1:
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(f"is_causal must be True or False, got {is_causal!r}.")
+  if _is_int(window):
+    window = (window, window)
+  if window is not None and (
+    not isinstance(window, (tuple, list))
+    or len(window) != 2
+    or not all(_is_int(w) and w >= 0 for w in window)
+  ):
+    raise ValueError(
+      f"local_window_size must be a non-negative int or a pair (left, right) of them, got "
+      f"{window!r}."
+    )
+  return (
+    int(block_size),
+    bool(is_causal),
+    None if window is None else (int(window[0]), int(window[1])),
+  )
 
 
 def _check_inputs(query, key, value, bias, mask, q_len, kv_len) -> None:
@@ -337,8 +381,14 @@ def dot_product_attention(
       are plain JAX: the forward saves only the output and the softmax row
       statistics (maximum and sum),
       the backward recomputes each block's probabilities (FlashAttention-2,
-      Algorithm 2). :func:`jax.grad` and :func:`jax.jvp` of :func:`jax.grad` work, a bare
-      :func:`jax.jvp` (or :func:`jax.jacfwd`) of the attention does not.
+      Algorithm 2). :func:`jax.grad` and :func:`jax.jvp` of :func:`jax.grad` use it.
+      Under a bare :func:`jax.jvp` / :func:`jax.jacfwd` (e.g. the outer loss of
+      ``meta_optimizer(mode="forward")``), where a ``custom_vjp`` cannot run,
+      the call switches itself to ``"checkpoint"`` (same values). It cannot
+      see a :func:`jax.jvp` applied outside a :func:`jax.jit`, :func:`jax.checkpoint` or
+      :func:`jax.lax.scan` that contains it: there JAX raises "can't apply
+      forward-mode autodiff (jvp) to a custom_vjp function"; pass
+      ``"checkpoint"`` for such uses.
       ``"checkpoint"``: plain differentiable JAX with :func:`jax.checkpoint` per
       block: every transformation works (a bare :func:`jax.jvp` too), with less
       memory for a plain gradient but slightly more for :func:`jax.jvp` of
@@ -360,6 +410,7 @@ def dot_product_attention(
     Dao, `FlashAttention-2 <https://arxiv.org/abs/2307.08691>`_, ICLR 2024.
   """
   output_shape = jnp.shape(query)
+  _check_ranks(query, key, value)
   query, key, value = _ensure_4d(query), _ensure_4d(key), _ensure_4d(value)
   bias = None if bias is None else _ensure_4d(bias)
   mask = None if mask is None else _ensure_4d(mask)
@@ -368,8 +419,7 @@ def dot_product_attention(
   _check_inputs(query, key, value, bias, mask, q_len, kv_len)
   if differentiation not in ("flash", "checkpoint"):
     raise ValueError(f'differentiation must be "flash" or "checkpoint", got {differentiation!r}.')
-  if isinstance(local_window_size, int):
-    local_window_size = (local_window_size, local_window_size)
+  block_size, is_causal, window = _check_options(block_size, is_causal, local_window_size)
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]
   block = max(1, min(int(block_size), s))
@@ -379,7 +429,7 @@ def dot_product_attention(
     block=block,
     num_blocks=-(-s // block),
     is_causal=bool(is_causal),
-    window=None if local_window_size is None else tuple(int(w) for w in local_window_size),
+    window=window,
     bias_full_kv=bias is not None and bias.shape[3] > 1,
     mask_full_kv=mask is not None and mask.shape[3] > 1,
   )
@@ -397,7 +447,9 @@ def dot_product_attention(
     q_len,
     kv_len,
   )
-  if differentiation == "flash":
+  # Under jax.jvp / jacfwd (not of jax.grad) the custom_vjp cannot run; the
+  # plain path computes the same values and differentiates in every mode.
+  if differentiation == "flash" and not is_jvp_now():
     out = _flash(*args, cfg)
   else:
     out = _forward(*args, cfg, remat=True)[0]

@@ -9,6 +9,22 @@ import numpy as np
 __all__ = ["chunked_cross_entropy"]
 
 
+def _check_labels_in_range(labels: jax.Array, vocab: int) -> None:
+  """Concrete labels outside ``[0, V)`` raise now (traced ones give NaN losses)."""
+  try:
+    values = np.asarray(labels)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  bad = (values < 0) | (values >= vocab)
+  if bad.any():
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+      f"labels must be in [0, V) = [0, {vocab}); labels{list(first)} = {values[first]}. A "
+      "padding or ignored token needs a valid label (e.g. 0) and weight 0 in the mean: "
+      "negative labels are not skipped (no ignore_index)."
+    )
+
+
 def chunked_cross_entropy(
   hidden: jax.typing.ArrayLike,
   w_out: jax.typing.ArrayLike,
@@ -34,9 +50,12 @@ def chunked_cross_entropy(
   Args:
     hidden: final hidden states, ``(..., d)``.
     w_out: the LM head, ``(d, V)`` (e.g. the transposed embedding table).
-    labels: integer targets, ``hidden.shape[:-1]``, in ``[0, V)``.
+    labels: integer targets, ``hidden.shape[:-1]``, in ``[0, V)``. Concrete
+      labels outside raise; traced ones give a NaN loss for that token (never
+      another class's loss: -1 does not wrap around, and there is no
+      ``ignore_index``; weight padding tokens by 0 instead).
     bias: optional head bias, ``(V,)``.
-    chunk_size: tokens per chunk (any token count works: the last chunk is
+    chunk_size: tokens per chunk, a positive int (any token count works: the last chunk is
       padded). Memory grows with it; very small chunks are slower.
 
   Returns:
@@ -63,6 +82,11 @@ def chunked_cross_entropy(
       f"labels must be integers of shape hidden.shape[:-1] = {hidden.shape[:-1]}; got "
       f"{labels.shape} {labels.dtype}."
     )
+  _check_labels_in_range(labels, w_out.shape[1])
+  if isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer)):
+    raise TypeError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
   if bias is not None and jnp.shape(bias) != w_out.shape[1:]:
     raise ValueError(f"bias must have shape ({w_out.shape[1]},); got {jnp.shape(bias)}.")
   dtype = jnp.promote_types(jnp.result_type(hidden, w_out), np.float32)
@@ -83,8 +107,11 @@ def chunked_cross_entropy(
     logits = h_c.astype(dtype) @ w
     if b is not None:
       logits = logits + b[None, :]
-    label_logit = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
-    return jax.nn.logsumexp(logits, axis=-1) - label_logit
+    # No wrap-around for negative labels (-1, -100 as "ignore"): out of [0, V)
+    # gives NaN, never another class's loss.
+    valid = (y_c >= 0) & (y_c < w.shape[1])
+    label_logit = jnp.take_along_axis(logits, jnp.where(valid, y_c, 0)[:, None], axis=-1)[:, 0]
+    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - label_logit, jnp.nan)
 
   _, losses = jax.lax.scan(lambda c, xs: (c, chunk_loss(*xs)), None, (h, y))
   return losses.reshape(-1)[:n].reshape(labels.shape)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mixflow_optax._checks import describe
+from mixflow_optax._checks import describe, first_non_array_leaf, non_array_leaf_message
 
 __all__ = [
   "PerLeaf",
@@ -26,6 +26,11 @@ __all__ = [
 ]
 
 Hyperparams = Mapping[str, Any]
+
+# Constructor arguments of the transforms here that only set the initial state
+# (used by init, never by update): asked for as hyperparameters, they get
+# their own message.
+_INIT_ONLY = frozenset({"initial_accumulator_value", "initial_scale"})
 
 
 class ReparamUpdateFn(Protocol):
@@ -121,6 +126,13 @@ class ReparamTransformation(optax.GradientTransformationExtraArgs):
     return f"ReparamTransformation(hyperparams=[{names}])"
 
 
+def check_params_leaves(params: Any, owner: str) -> None:
+  """``init``'s parameters: arrays only (a name or a function there fails deep in NumPy)."""
+  bad = first_non_array_leaf(params)
+  if bad is not None:
+    raise TypeError(f"{owner}.init: " + non_array_leaf_message("params", *bad))
+
+
 def resolve_hyperparams(
   hyperparams: Hyperparams | None, defaults: Mapping[str, Any], owner: str
 ) -> dict[str, Any]:
@@ -153,6 +165,18 @@ def resolve_hyperparams(
     )
   unknown = sorted(set(hyperparams) - set(defaults))
   if unknown:
+    init_only = [k for k in unknown if k.rsplit("/", 1)[-1] in _INIT_ONLY]
+    if init_only:
+      raise ValueError(
+        f"{owner}: {init_only} set the optimizer's initial state in init (e.g. "
+        "adagrad's accumulator G_0, rmsprop's initial second moment); update never "
+        "reads them, so they cannot be hyperparameters. To learn one, build the "
+        "initial state from meta_params and pass it to mfo.unroll's run as opt_state, "
+        "e.g. state = opt.init(params) with its accumulator (sum_of_squares / nu) "
+        "replaced by jax.tree.map(lambda p: jnp.full_like(p, value), params); "
+        "meta_optimizer starts each inner run from opt.init(params), so there it "
+        f"stays fixed. This optimizer's hyperparameters are {sorted(defaults)}."
+      )
     raise ValueError(
       f"{owner}: unknown hyperparameter name(s) {unknown}. This optimizer's "
       f"hyperparameters are {sorted(defaults)} (see `opt.hyperparams`). If a "
@@ -391,6 +415,7 @@ def _chain_from(
     keymaps.append(km)
 
   def init_fn(params):
+    check_params_leaves(params, owner)
     return tuple(t.init(params) for _, t in members)
 
   def update_fn(updates, state, params=None, *, hyperparams=None, **extra_args):

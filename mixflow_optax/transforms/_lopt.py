@@ -207,7 +207,7 @@ def _lopt_config(
   )
 
 
-def _check_update_args(params: Any, state: Any) -> None:
+def _check_update_args(updates: Any, params: Any, state: Any) -> None:
   if params is None:
     raise ValueError(
       f"{_OWNER} needs the parameters (they are one of its input features): "
@@ -218,6 +218,14 @@ def _check_update_args(params: Any, state: Any) -> None:
       f"{_OWNER}: state must be the MLPLOptState made by this optimizer's init, "
       f"got {describe(state)}."
     )
+  want = jax.tree.structure(updates)
+  for name, tree in (("params", params), ("state", state.rms)):
+    if jax.tree.structure(tree) != want:
+      raise ValueError(
+        f"{_OWNER}: the gradient and {name} have different tree structures (was the state "
+        f"made by init for other parameters?).\n  gradient: {want}\n  {name}: "
+        f"{jax.tree.structure(tree)}"
+      )
 
 
 def _apply_mlp(w: Mapping[str, jax.Array], x: jax.Array, num_hidden: int) -> jax.Array:
@@ -399,7 +407,7 @@ def mlp_lopt(
 
   def update_fn(updates, state, params=None, *, hyperparams=None, **extra_args):
     del extra_args
-    _check_update_args(params, state)
+    _check_update_args(updates, params, state)
     w = _check_weights(hyperparams, defaults, cfg.describe())
     # The time embedding uses the count before this update (0 on the first).
     leaf = functools.partial(_leaf_update, cfg, w, state.count)

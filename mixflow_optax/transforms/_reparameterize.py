@@ -18,9 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mixflow_optax.transforms._base import ReparamTransformation, per_leaf, resolve_hyperparams
+from mixflow_optax.transforms._base import (
+  ReparamTransformation,
+  check_params_leaves,
+  per_leaf,
+  resolve_hyperparams,
+)
+from mixflow_optax.transforms._transforms import safe_sqrt
 
-__all__ = ["reparameterize"]
+__all__ = ["optax_source", "reparameterize"]
 
 # Optax aliases whose update treats every parameter tensor independently: a
 # per-parameter hyperparameter value can then be applied tensor by tensor.
@@ -92,6 +98,84 @@ def _base_function(f: Callable[..., Any]) -> Callable[..., Any]:
   return f
 
 
+def _with_base_function(f: Callable[..., Any], base: Callable[..., Any]) -> Callable[..., Any]:
+  """``f`` (a function or nested ``functools.partial`` of one) with its function replaced."""
+  if isinstance(f, functools.partial):
+    return functools.partial(_with_base_function(f.func, base), *f.args, **f.keywords)
+  return base
+
+
+def _scale_by_radam(b1, b2, eps, eps_root, threshold, *, nesterov):
+  r""":func:`optax.scale_by_radam` (same state, same values) with finite derivatives.
+
+  optax evaluates the rectified update on both sides of ``jnp.where(ro >=
+  threshold, rectified, mu_hat)``. Before the threshold the rectification
+  term :math:`(\rho_t - 4)(\rho_t - 2)/\rho_t` is negative for
+  :math:`\rho_t \in (2, 4)` (steps 3 and 4 with the default ``b2``): its
+  square root is NaN in the discarded branch, and the branch's zero cotangent
+  times NaN makes every meta-gradient NaN. Here the discarded branch computes
+  on safe values (double ``where``), and the second moment's square root is
+  :func:`~mixflow_optax.transforms.safe_sqrt`, exact at zero gradients.
+  """
+  ro_inf = 2.0 / (1.0 - b2) - 1.0
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count_inc = optax.safe_increment(state.count)
+    b2t = b2**count_inc
+    ro = ro_inf - 2 * count_inc * b2t / (1 - b2t)
+    if nesterov:
+      mu_hat = jax.tree.map(
+        lambda m, g: b1 * m + (1 - b1) * g,
+        optax.tree.bias_correction(mu, b1, optax.safe_increment(count_inc)),
+        optax.tree.bias_correction(updates, b1, count_inc),
+      )
+    else:
+      mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
+    nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
+    take = ro >= threshold
+    safe_ro = jnp.where(take, ro, ro_inf)  # r = 1 there: finite, never used
+    r = jnp.sqrt(
+      (safe_ro - 4.0) * (safe_ro - 2.0) * ro_inf / ((ro_inf - 4.0) * (ro_inf - 2.0) * safe_ro)
+    )
+
+    def leaf(m, v):
+      rectified = r.astype(m.dtype) * m / (safe_sqrt(jnp.where(take, v + eps_root, 1.0)) + eps)
+      return jnp.where(take, rectified, m)
+
+    new_updates = jax.tree.map(leaf, mu_hat, nu_hat)
+    return new_updates, optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(optax.scale_by_adam().init, update_fn)
+
+
+def _radam(
+  learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, threshold=5.0, *, nesterov=False
+):
+  """:func:`optax.radam` with :func:`_scale_by_radam`: same state and values."""
+  return optax.chain(
+    _scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+# Stock optax factories whose plain autodiff is NaN where the maths is finite,
+# replaced by a copy with the same signature, state and values.
+# Only while the signatures agree (a new optax argument falls back to stock optax).
+_NAN_SAFE = {
+  stock: safe
+  for stock, safe in ((optax.radam, _radam),)
+  if list(inspect.signature(stock).parameters) == list(inspect.signature(safe).parameters)
+}
+
+
+def optax_source(transform: Any) -> str | None:
+  """``"optax.<name>"`` when ``transform`` was made by ``reparameterize`` of a stock optax factory."""
+  return getattr(getattr(transform, "update", None), "_mixflow_optax_source", None)
+
+
 def _is_numeric(value: Any) -> bool:
   if isinstance(value, (bool, np.bool_)):
     return False
@@ -146,7 +230,16 @@ def reparameterize(
   Numerics: stock optax numerics are inherited. In particular the
   Adam-family square root at exactly zero gradients gives NaN meta-gradients
   (optax's ``eps_root > 0`` avoids it); the hand-written transforms in
-  :mod:`mixflow_optax.transforms` are exact and finite there.
+  :mod:`mixflow_optax.transforms` are exact and finite there. One exception:
+  ``optax.radam``, whose stock update takes the square root of a negative
+  number in the discarded branch of a ``jnp.where`` at steps 3-4 (NaN
+  meta-gradients from the third step), is rebuilt from a copy with the same
+  state and values, finite there and exact at zero gradients.
+
+  Not factories: ``optax.chain`` / ``optax.named_chain`` (``*args``; use
+  :func:`mixflow_optax.transforms.chain`) raise here, and a factory wrapped
+  in ``optax.inject_hyperparams`` (which reads its hyperparameters from its
+  state) raises at ``init``.
 
   A factory that uses a numeric argument in Python control flow or in a shape
   (:func:`optax.adafactor`'s ``min_dim_size_to_factor``) cannot take a traced
@@ -181,7 +274,13 @@ def reparameterize(
       f"{owner}: static_args {unknown} are not arguments of the factory; its "
       f"arguments are {list(signature.parameters)}."
     )
-  leafwise = _base_function(inner_factory) in _LEAFWISE
+  _check_named_arguments(signature, name, owner)
+  base = _base_function(inner_factory)
+  leafwise = base in _LEAFWISE
+  stock = getattr(base, "__module__", "").startswith("optax") and base is getattr(optax, name, None)
+  implementation = (
+    _with_base_function(inner_factory, _NAN_SAFE[base]) if base in _NAN_SAFE else (inner_factory)
+  )
 
   @functools.wraps(inner_factory)
   def factory(*args, **kwargs) -> ReparamTransformation:
@@ -197,14 +296,16 @@ def reparameterize(
         static[arg] = value
 
     def build(hp, static=static):
-      return optax.with_extra_args_support(inner_factory(**static, **hp))
+      return optax.with_extra_args_support(implementation(**static, **hp))
 
     probed = set()
 
     def init_fn(params):
+      check_params_leaves(params, owner)
       leaves, treedef = jax.tree.flatten(params)
       key = (treedef, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
       if key not in probed:
+        _check_not_injected(build, numeric, params, name, owner)
         _check_no_value_control_flow(build, numeric, params, owner)
         probed.add(key)
       return build(numeric).init(params)
@@ -236,9 +337,40 @@ def reparameterize(
           )
       return _update_per_leaf(build, static, hp, updates, state, params, extra_args, owner)
 
+    if stock:
+      update_fn._mixflow_optax_source = f"optax.{name}"  # type: ignore[attr-defined]
     return ReparamTransformation(init_fn, update_fn, numeric)
 
   return factory
+
+
+def _check_named_arguments(signature: inspect.Signature, name: str, owner: str) -> None:
+  """A factory with ``*args`` (``optax.chain``) has no named arguments to turn into hyperparameters."""
+  if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()):
+    hint = (
+      " optax.chain / optax.named_chain combine transforms: use "
+      "mixflow_optax.transforms.chain(...) / named_chain(...), whose members (e.g. "
+      "reparameterize(optax.adam)(1e-3), mfo.transforms.adam(1e-3) or any stock optax "
+      "transform) keep their own hyperparameters."
+      if name in ("chain", "named_chain")
+      else ""
+    )
+    raise TypeError(
+      f"{owner}: reparameterize turns the named numeric arguments of an optimizer "
+      f"factory into hyperparameters, but {name} takes *args.{hint}"
+    )
+
+
+def _check_not_injected(build, numeric, params, name, owner) -> None:
+  """``optax.inject_hyperparams`` reads its hyperparameters from its state, not from ``update``."""
+  state = jax.eval_shape(build(numeric).init, params)
+  if isinstance(state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
+    raise TypeError(
+      f"{owner}: the factory is wrapped in optax.inject_hyperparams, whose update reads "
+      "the hyperparameters from its own state (set by init), so values passed to update "
+      "would be ignored and their meta-gradients would be exactly 0. Reparameterize the "
+      f"factory itself: reparameterize(optax.{name})."
+    )
 
 
 def _check_no_value_control_flow(build, numeric, params, owner) -> None:

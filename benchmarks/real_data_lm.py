@@ -553,33 +553,38 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+  """Runs the seeds (one file ``lm_seed<k>.json`` each), then writes ``lm.json`` and ``lm.md``
+  from the per-seed files of ``--seeds`` (``--table-only``: from existing files only, so that
+  seeds can run as separate processes)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--quick", action="store_true", help="the small smoke-run budget")
+  parser.add_argument("--table-only", action="store_true", help="combine existing seed files")
   parser.add_argument("--out", default="docs/bench/real_data", help="output folder")
   args = parser.parse_args(argv)
-  results = []
-  for seed in args.seeds:
-    results.append(run(seed, quick=args.quick))
-    r = results[-1]
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  for seed in [] if args.table_only else args.seeds:
+    r = run(seed, quick=args.quick)
+    (out / f"lm_seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")
     print(
       f"seed {seed}: recipe {r['recipe']['test_nats']:.4f} | constant "
       f"{r['baselines']['constant']['test_nats']:.4f} | cosine "
       f"{r['baselines']['cosine']['test_nats']:.4f} nats/char",
       flush=True,
     )
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  results = [json.loads((out / f"lm_seed{s}.json").read_text()) for s in args.seeds]
   text = table(results)
   meta = {
     "python": sysconfig.get_python_version(),
     "jax": jax.__version__,
     "device": jax.devices()[0].device_kind,
   }
-  (out / "lm.json").write_text(
-    json.dumps({"meta": meta, "results": results, "table": text}, indent=1) + "\n"
-  )
+  summary = {"meta": meta, "results": results, "table": text}
+  (out / "lm.json").write_text(json.dumps(summary, indent=1) + "\n")
   (out / "lm.md").write_text(text + "\n")
+  for seed in args.seeds:
+    (out / f"lm_seed{seed}.json").unlink()
   print(text)
 
 

@@ -573,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
       f"{r['baselines']['cosine']['test_nats']:.4f} nats/char",
       flush=True,
     )
+  if not args.table_only and len(args.seeds) == 1:
+    return  # one seed of several run as separate processes: combine with --table-only
   results = [json.loads((out / f"lm_seed{s}.json").read_text()) for s in args.seeds]
   text = table(results)
   meta = {
@@ -583,8 +585,6 @@ def main(argv: list[str] | None = None) -> None:
   summary = {"meta": meta, "results": results, "table": text}
   (out / "lm.json").write_text(json.dumps(summary, indent=1) + "\n")
   (out / "lm.md").write_text(text + "\n")
-  for seed in args.seeds:
-    (out / f"lm_seed{seed}.json").unlink()
   print(text)
 
 

@@ -180,13 +180,13 @@ def init_params(key: jax.Array, cfg: Config) -> dict[str, Any]:
 
 def _norm(x: jax.Array, scale: jax.Array) -> jax.Array:
   x = x - jnp.mean(x, -1, keepdims=True)
-  return scale * x * jax.lax.rsqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-5)
+  return scale[None, None] * x * jax.lax.rsqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-5)
 
 
 def logits_fn(params: dict[str, Any], tokens: jax.Array, cfg: Config) -> jax.Array:
   """Next-character logits, shape ``tokens.shape + (VOCAB_SIZE,)``."""
   b, s = tokens.shape
-  h = params["embed"][tokens] + params["pos"][:s]
+  h = params["embed"][tokens] + params["pos"][None, :s]
   nh, dh = cfg.num_heads, cfg.d_model // cfg.num_heads
   causal = jnp.tril(jnp.ones((s, s), bool))
   for i in range(cfg.num_layers):
@@ -194,9 +194,9 @@ def logits_fn(params: dict[str, Any], tokens: jax.Array, cfg: Config) -> jax.Arr
     q, k, v = jnp.split(_norm(h, p["ln1"]) @ p["qkv"], 3, axis=-1)
     q, k, v = (x.reshape(b, s, nh, dh) for x in (q, k, v))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
-    probs = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+    probs = jax.nn.softmax(jnp.where(causal[None, None], scores, -1e9), axis=-1)
     h = h + jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, -1) @ p["proj"]
-    h = h + jax.nn.gelu(_norm(h, p["ln2"]) @ p["up"] + p["up_b"]) @ p["down"]
+    h = h + jax.nn.gelu(_norm(h, p["ln2"]) @ p["up"] + p["up_b"][None, None]) @ p["down"]
   return _norm(h, params["ln_f"]) @ params["embed"].T
 
 

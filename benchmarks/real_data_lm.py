@@ -557,28 +557,41 @@ def table(results: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def _truncated_variant(seeds: list[int], quick: bool, out: pathlib.Path) -> None:
-  """The recipe with truncated reverse-mode meta-gradients (short-horizon bias), per seed."""
-  cfg, budget = Config(), QUICK if quick else Budget()
-  path = out / "lm_truncated.json"
-  results = json.loads(path.read_text()) if path.exists() else {}
+#: Variants of the recipe, run by ``--variant`` (recipe only, no baselines): the same online
+#: run with truncated reverse-mode meta-gradients, and forward mode on a constant shape.
+VARIANTS = {
+  "truncated": ({"recipe_shape": "cosine"}, True),
+  "constant_shape": ({"recipe_shape": "constant"}, False),
+}
+
+
+def run_variant(name: str, seed: int, *, quick: bool = False) -> dict[str, Any]:
+  """One seed of a recipe variant (see ``VARIANTS``): test loss and learned rates."""
+  changes, truncated = VARIANTS[name]
+  cfg, budget = Config(), (QUICK if quick else Budget())._replace(**changes)
+  data = make_data(seed, cfg, budget)
+  start = time.perf_counter()
+  params = init_params(jax.random.PRNGKey(seed), cfg)
+  result, rates = train_recipe(params, data, cfg, budget, truncated)
+  nats = test_loss(result.best_params, data, cfg)
+  return {
+    "test_nats": nats,
+    "test_bits": nats * NATS_TO_BITS,
+    "best_valid": result.best_valid,
+    "valid_curve": result.valid_curve,
+    "learned_lr": rates,
+    "wall_s": time.perf_counter() - start,
+  }
+
+
+def _variant(name: str, seeds: list[int], quick: bool, out: pathlib.Path) -> None:
+  path = out / "lm_variants.json"
   for seed in seeds:
-    data = make_data(seed, cfg, budget)
-    start = time.perf_counter()
-    result, rates = train_recipe(
-      init_params(jax.random.PRNGKey(seed), cfg), data, cfg, budget, True
-    )
-    nats = test_loss(result.best_params, data, cfg)
-    results[str(seed)] = {
-      "test_nats": nats,
-      "test_bits": nats * NATS_TO_BITS,
-      "best_valid": result.best_valid,
-      "valid_curve": result.valid_curve,
-      "learned_lr": rates,
-      "wall_s": time.perf_counter() - start,
-    }
-    print(f"seed {seed}: truncated reverse {nats:.4f} nats/char, final rate {rates[-1]:.4f}")
-  path.write_text(json.dumps(results, indent=1) + "\n")
+    result = run_variant(name, seed, quick=quick)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.setdefault(name, {})[str(seed)] = result
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"seed {seed}: {name} {result['test_nats']:.4f} nats/char")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -590,16 +603,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--quick", action="store_true", help="the small smoke-run budget")
   parser.add_argument("--table-only", action="store_true", help="combine existing seed files")
   parser.add_argument(
-    "--truncated",
-    action="store_true",
-    help="instead: the truncated reverse-mode variant of the recipe, per seed (lm_truncated.json)",
+    "--variant",
+    choices=sorted(VARIANTS),
+    help="instead: a variant of the recipe alone, per seed (into lm_variants.json)",
   )
   parser.add_argument("--out", default="docs/bench/real_data", help="output folder")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  if args.truncated:
-    _truncated_variant(args.seeds, args.quick, out)
+  if args.variant:
+    _variant(args.variant, args.seeds, args.quick, out)
     return
   for seed in [] if args.table_only else args.seeds:
     r = run(seed, quick=args.quick)

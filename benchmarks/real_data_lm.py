@@ -356,17 +356,18 @@ def learned_rate_optimizer(
     del meta_params
     return loss_fn(params, batch, cfg)
 
-  # A schedule as learning rate: the optimizer keeps the step count it reads, counted
-  # from init across meta-steps (online), so the shape runs over the whole training run.
-  def hyperparams_fn(log_lr):
-    return {"learning_rate": lambda count: jnp.exp(log_lr) * shape(count)}
+  # Per-step hyperparameters: `step` counts inner steps since init, carried across
+  # meta-steps (online), so the shape runs over the whole training run.
+  def hyperparams_fn(log_lr, step):
+    return {"learning_rate": jnp.exp(log_lr) * shape(step)}
 
   return mfo.meta_optimizer(
     inner_loss,
     inner_loss,
-    mfo.transforms.adam(lambda count: shape(count)),
+    mfo.transforms.adam(1e-3),
     optax.adam(budget.outer_lr),
     hyperparams_fn=hyperparams_fn,
+    hyperparams_per_step=True,
     **(dict(mode="mixflow") if truncated else dict(mode="forward", carry_tangents=True)),
     **options,
   )

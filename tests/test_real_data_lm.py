@@ -8,14 +8,17 @@ import math
 import pathlib
 import sys
 
+import chex
 import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl.testing import absltest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import mixflow_optax as mfo  # noqa: E402
 from benchmarks import real_data_lm as lm  # noqa: E402
 
 
@@ -69,6 +72,36 @@ class VerdictTest(helpers.TestCase):
     # Better mean from one seed only: not a win.
     self.assertEqual(lm.verdict([0.5, 1.2, 1.2], [1.1, 1.1, 1.1]), "ties")
     self.assertEqual(lm.verdict([1.2, 1.2, 1.0], [1.1, 1.1, 1.1]), "loses")
+
+
+class RecipeTest(helpers.TestCase):
+  def test_per_step_schedule_equals_the_schedule_as_learning_rate(self):
+    # The results in docs/bench/real_data were measured with the schedule passed as Adam's
+    # learning rate (its step count as the index); the per-step form gives the same run.
+    cfg = lm.Config(d_model=16, num_layers=1, num_heads=2, seq_len=8, batch_size=2)
+    budget = lm.Budget(steps=12, eval_every=4, meta_every=4, warmup=3, valid_windows=4)
+    shape = lm.schedule_shape("cosine", budget.steps, budget.warmup)
+    inner_loss = lambda params, meta, batch: lm.loss_fn(params, batch, cfg)
+    as_learning_rate = mfo.meta_optimizer(
+      inner_loss,
+      inner_loss,
+      mfo.transforms.adam(shape),
+      optax.adam(budget.outer_lr),
+      hyperparams_fn=lambda m: {"learning_rate": lambda count: jnp.exp(m) * shape(count)},
+      mode="forward",
+      carry_tangents=True,
+    )
+    per_step = lm.learned_rate_optimizer(cfg, budget)
+    params = lm.init_params(jax.random.PRNGKey(0), cfg)
+    batches = jax.random.randint(jax.random.PRNGKey(1), (3, 4, 2, 9), 0, lm.VOCAB_SIZE)
+    states = [mo.init(jnp.log(jnp.float32(5e-3)), params) for mo in (as_learning_rate, per_step)]
+    for k in range(3):
+      states = [
+        mo.step(state, batches[k], batches[k, 0])[0]
+        for mo, state in zip((as_learning_rate, per_step), states)
+      ]
+    chex.assert_trees_all_close(states[0].params, states[1].params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(states[0].meta_params, states[1].meta_params, rtol=1e-6)
 
 
 class FlopsTest(helpers.TestCase):

@@ -31,7 +31,14 @@ from mixflow_optax._compat import is_tracer
 from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
 from mixflow_optax._placement import shard_like_params
-from mixflow_optax._unroll import UnrollResult, UnrollSpec, check_params, make_run, unroll_spec
+from mixflow_optax._unroll import (
+  UnrollResult,
+  UnrollSpec,
+  check_params,
+  hyperparams_of,
+  make_run,
+  unroll_spec,
+)
 
 __all__ = ["MetaState", "MetaOptimizer", "meta_optimizer"]
 
@@ -78,7 +85,7 @@ class MetaOptimizer(NamedTuple):
   step: Callable[[MetaState, Any, Any], tuple[MetaState, dict[str, jax.Array]]]
 
 
-class _Meta(NamedTuple):
+class _MetaSpec(NamedTuple):
   """Everything static about one meta-optimizer."""
 
   spec: UnrollSpec
@@ -130,7 +137,7 @@ def _check_meta_params(meta_params: Any) -> None:
     )
 
 
-def _check_init_args(meta: _Meta, params: Any, model_state: Any) -> None:
+def _check_init_args(meta: _MetaSpec, params: Any, model_state: Any) -> None:
   # Missing or unexpected arguments are TypeErrors, as in Python and in unroll's run.
   if meta.spec.has_model_state and model_state is None:
     raise TypeError(
@@ -156,13 +163,15 @@ def _copy_arrays(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
 
 
-def _init_inner_state(meta: _Meta, params: Any) -> Any:
+def _init_inner_state(meta: _MetaSpec, params: Any) -> Any:
   # Fresh zeros have no sharding of their own: without this, XLA replicates a
   # state re-initialised inside jit (MAML) on every device.
   return shard_like_params(meta.spec.inner_opt.init(params), params)
 
 
-def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = None) -> MetaState:
+def _init(
+  meta: _MetaSpec, meta_params: Any, params: Any = None, model_state: Any = None
+) -> MetaState:
   _check_meta_params(meta_params)
   _check_init_args(meta, params, model_state)
   meta_params, params, model_state = _copy_arrays((meta_params, params, model_state))
@@ -181,15 +190,39 @@ def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = 
   )
 
 
-def _check_state(meta: _Meta, state: Any) -> None:
+def _check_state(meta: _MetaSpec, state: Any) -> None:
   if not isinstance(state, MetaState):
     raise TypeError(
       f"step needs the MetaState made by this meta-optimizer's init, got {describe(state)}: "
       "call state = mo.init(meta_params, params) first."
     )
+  # Checked up front: an inner state of another structure would otherwise fail
+  # deep inside the unrolled loop with an unrelated message.
+  if _foreign_state_field(meta, state) == "inner_state":
+    raise _foreign_state_error("inner_state")
 
 
-def _foreign_state_field(meta: _Meta, state: MetaState) -> str | None:
+def _foreign_state_error(field: str) -> TypeError:
+  return TypeError(
+    f"step was given a MetaState whose {field} was not made by this meta-optimizer's "
+    "optimizers (was it made by another meta-optimizer's init?): call this one's init."
+  )
+
+
+def _outer_update(meta: _MetaSpec, grads: Any, outer_state: Any, meta_params: Any) -> tuple:
+  """``outer_opt.update``, with a clear error for an outer state made by another optimizer."""
+  try:
+    return meta.outer_opt.update(grads, outer_state, meta_params)
+  except (AttributeError, TypeError, ValueError) as err:
+    # Only the outer optimizer's own update runs here: a failure with a state of
+    # another structure is that state's fault; any other failure is re-raised.
+    expected = jax.eval_shape(meta.outer_opt.init, meta_params)
+    if jax.tree.structure(outer_state) == jax.tree.structure(expected):
+      raise
+    raise _foreign_state_error("outer_state") from err
+
+
+def _foreign_state_field(meta: _MetaSpec, state: MetaState) -> str | None:
   """The optimizer state of ``state`` whose structure this meta-optimizer did not make."""
   want = {
     "inner_state": jax.eval_shape(meta.spec.inner_opt.init, state.params),
@@ -217,13 +250,23 @@ def _check_task_axis(inner_batches: Any, outer_batch: Any) -> None:
 
 
 def _task_loss(
-  meta: _Meta, meta_params, params, inner_state, model_state, inner_batches, outer_batch
+  meta: _MetaSpec,
+  meta_params,
+  params,
+  inner_state,
+  model_state,
+  inner_batches,
+  outer_batch,
+  step_offset,
 ) -> tuple[jax.Array, UnrollResult]:
-  """The outer loss of one task at the unrolled parameters, and the unroll's result."""
+  """The outer loss of one task at the unrolled parameters, and the unroll's result.
+
+  ``step_offset`` is the index of the first inner step (per-step hyperparameters).
+  """
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
     inner_state = _init_inner_state(meta, params)
-  result = meta.run(meta_params, params, inner_state, inner_batches, model_state)
+  result = meta.run(meta_params, params, inner_state, inner_batches, model_state, step_offset)
   extra = (result.model_state,) if meta.spec.has_model_state else ()
   value = meta.outer_loss(result.params, meta_params, outer_batch, *extra)
   if jnp.shape(value) != ():
@@ -237,30 +280,59 @@ def _task_loss(
   return value, result
 
 
+def _value_and_grad_fn(meta: _MetaSpec) -> Callable:
+  """``fn(meta_params, params, inner_state, model_state, inner_batches, outer_batch, offset)``.
+
+  It returns ``((outer loss, unroll result), meta-gradient)`` of one task (or member).
+  """
+  task_loss = functools.partial(_task_loss, meta)
+  if meta.forward is not None:
+    return _forward.value_and_grad(meta.forward, task_loss)
+  return jax.value_and_grad(task_loss, has_aux=True)
+
+
+def _num_inner_steps(inner_batches: Any, axis: int) -> int:
+  # Malformed batches are reported by the unroll itself; 0 only feeds a step offset there.
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(inner_batches)]
+  return shapes[0][axis] if shapes and len(shapes[0]) > axis else 0
+
+
+def _step_offset(meta: _MetaSpec, state: MetaState, inner_batches: Any) -> jax.Array:
+  """Index of the run's first inner step: inner steps since ``init`` online, else 0."""
+  if meta.reset_inner or meta.init_params_fn is not None:
+    return jnp.zeros([], jnp.int32)
+  return state.count * _num_inner_steps(inner_batches, 0)
+
+
+def _applied_hyperparams(meta: _MetaSpec, meta_params: Any, offset: jax.Array, num_steps: int):
+  """The hyperparameters the inner optimizer used; stacked over steps if per step."""
+  if not meta.spec.hyperparams_per_step:
+    return hyperparams_of(meta.spec, meta_params)
+  steps = offset + jnp.arange(num_steps, dtype=jnp.int32)
+  return jax.vmap(lambda t: hyperparams_of(meta.spec, meta_params, t))(steps)
+
+
 def _meta_value_and_grad(
-  meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any
+  meta: _MetaSpec, state: MetaState, inner_batches: Any, outer_batch: Any, offset: jax.Array
 ) -> tuple[jax.Array, UnrollResult, Any, Any]:
   """``(outer loss, unroll result, meta-gradient, tangents)``, averaged over tasks if batched."""
-  task_loss = functools.partial(_task_loss, meta)
   args = (state.meta_params, state.params, state.inner_state, state.model_state)
   if meta.forward is not None and meta.forward.carry_tangents:
+    task_loss = functools.partial(_task_loss, meta)
     return _forward.carried_value_and_grad(meta.forward, task_loss, state.tangents)(
-      *args, inner_batches, outer_batch
+      *args, inner_batches, outer_batch, offset
     )
-  if meta.forward is not None:
-    value_and_grad = _forward.value_and_grad(meta.forward, task_loss)
-  else:
-    value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
+  value_and_grad = _value_and_grad_fn(meta)
   if not meta.batched_tasks:
-    (value, result), grads = value_and_grad(*args, inner_batches, outer_batch)
+    (value, result), grads = value_and_grad(*args, inner_batches, outer_batch, offset)
     return value, result, grads, None
   _check_task_axis(inner_batches, outer_batch)
-  per_task = jax.vmap(lambda ib, ob: value_and_grad(*args, ib, ob))
+  per_task = jax.vmap(lambda ib, ob: value_and_grad(*args, ib, ob, offset))
   (values, result), grads = per_task(inner_batches, outer_batch)
   return jnp.mean(values), result, jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), None
 
 
-def _next_inner(meta: _Meta, state: MetaState, meta_params: Any, result: UnrollResult) -> tuple:
+def _next_inner(meta: _MetaSpec, state: MetaState, meta_params: Any, result: UnrollResult) -> tuple:
   """``(params, inner_state, model_state)`` the next step starts from."""
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
@@ -270,21 +342,7 @@ def _next_inner(meta: _Meta, state: MetaState, meta_params: Any, result: UnrollR
   return result.params, result.opt_state, result.model_state
 
 
-def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -> tuple:
-  _check_state(meta, state)
-  try:
-    value, result, grads, tangents = _meta_value_and_grad(meta, state, inner_batches, outer_batch)
-    updates, outer_state = meta.outer_opt.update(grads, state.outer_state, state.meta_params)
-  except (AttributeError, TypeError, ValueError) as err:
-    # An optimizer state of another structure fails deep inside the optimizer's
-    # update; a state made by another meta-optimizer's init is the likely cause.
-    field = _foreign_state_field(meta, state)
-    if field is None:
-      raise
-    raise TypeError(
-      f"step was given a MetaState whose {field} was not made by this meta-optimizer's "
-      "optimizers (was it made by another meta-optimizer's init?): call this one's init."
-    ) from err
+def _check_meta_grads_finite(meta: _MetaSpec, grads: Any) -> None:
   if meta.spec.check_finite:
     check_finite_leaves(
       grads,
@@ -293,6 +351,16 @@ def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -
       "outer_loss's direct dependence on meta_params, or from hyperparams_fn / "
       "init_params_fn (e.g. a log or sqrt of a non-positive meta-parameter).",
     )
+
+
+def _step(meta: _MetaSpec, state: MetaState, inner_batches: Any, outer_batch: Any) -> tuple:
+  _check_state(meta, state)
+  offset = _step_offset(meta, state, inner_batches)
+  value, result, grads, tangents = _meta_value_and_grad(
+    meta, state, inner_batches, outer_batch, offset
+  )
+  updates, outer_state = _outer_update(meta, grads, state.outer_state, state.meta_params)
+  _check_meta_grads_finite(meta, grads)
   meta_params = optax.apply_updates(state.meta_params, updates)
   params, inner_state, model_state = _next_inner(meta, state, meta_params, result)
   metrics = {
@@ -300,6 +368,9 @@ def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -
     "inner_losses": result.losses,
     "meta_grad_norm": optax.tree.norm(grads),
   }
+  if meta.spec.hyperparams_fn is not None:
+    num_steps = jnp.shape(result.losses)[-1]
+    metrics["hyperparams"] = _applied_hyperparams(meta, state.meta_params, offset, num_steps)
   new_state = MetaState(
     meta_params=meta_params,
     params=params,
@@ -312,7 +383,7 @@ def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -
   return new_state, metrics
 
 
-def _checked_step(meta: _Meta) -> Callable:
+def _checked_step(meta: _MetaSpec) -> Callable:
   """``step`` with its checkify checks functionalised (``check_finite=True``)."""
   checked = checkify.checkify(lambda *a: _step(meta, *a))
   compiled = jax.jit(checked)
@@ -336,7 +407,7 @@ def meta_optimizer(
   inner_opt: optax.GradientTransformation,
   outer_opt: optax.GradientTransformation,
   *,
-  hyperparams_fn: Callable[[Any], dict[str, Any]] | None = None,
+  hyperparams_fn: Callable[..., dict[str, Any]] | None = None,
   mode: MetaMode = "mixflow",
   reset_inner: bool = False,
   init_params_fn: Callable[[Any], optax.Params] | None = None,
@@ -351,6 +422,7 @@ def meta_optimizer(
   carry_tangents: bool = False,
   max_forward_elements: int = _forward.DEFAULT_MAX_FORWARD_ELEMENTS,
   offload_carries: bool = False,
+  hyperparams_per_step: bool = False,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -423,6 +495,11 @@ def meta_optimizer(
       (2017), whose tangents mix the meta-parameters of past steps.
     max_forward_elements: ``mode="forward"`` raises if ``meta_params`` has
       more elements than this (its cost is one JVP per element).
+    hyperparams_per_step: per-step schedules: ``hyperparams_fn(meta_params,
+      step)`` is called inside every inner step with ``step`` the int32 index
+      of the inner step counted from the start of the inner run: online,
+      ``state.count * T + t`` (inner steps since ``init``); with
+      ``reset_inner`` or ``init_params_fn``, ``t`` in :math:`[0, T)`.
 
   Returns:
     A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
@@ -431,7 +508,10 @@ def meta_optimizer(
     ``jax.jit(step, donate_argnums=0)`` leaves the caller's own intact).
     ``step(state, inner_batches, outer_batch) -> (state, metrics)`` is pure and jit-able; ``metrics`` has
     ``outer_loss`` (before the update), ``inner_losses`` (shape ``(T,)``, or
-    ``(tasks, T)``) and ``meta_grad_norm``.
+    ``(tasks, T)``), ``meta_grad_norm`` and, with ``hyperparams_fn``,
+    ``hyperparams``: the hyperparameters the inner optimizer used in this
+    step, ``hyperparams_fn(meta_params)`` before the outer update (with
+    ``hyperparams_per_step``, stacked over the T inner steps).
 
   Examples:
     Learn RMSProp's learning rate online (optax's meta-learning tutorial):
@@ -445,7 +525,7 @@ def meta_optimizer(
     >>> xs = jnp.linspace(1.0, 7.0, 7)
     >>> state, metrics = jax.jit(mo.step)(state, (xs[:6], 10 * xs[:6]), (xs[6], 70.0))
     >>> sorted(metrics)
-    ['inner_losses', 'meta_grad_norm', 'outer_loss']
+    ['hyperparams', 'inner_losses', 'meta_grad_norm', 'outer_loss']
   """
   _check_meta_options(outer_opt, reset_inner, init_params_fn, batched_tasks)
   forward = _forward.forward_spec(
@@ -475,8 +555,9 @@ def meta_optimizer(
     fallback=fallback,
     has_model_state=has_model_state,
     check_finite=check_finite,
+    hyperparams_per_step=hyperparams_per_step,
   )
-  meta = _Meta(
+  meta = _MetaSpec(
     spec, make_run(spec), outer_loss, outer_opt, init_params_fn, reset_inner, batched_tasks, forward
   )
   step = _checked_step(meta) if check_finite else functools.partial(_step, meta)

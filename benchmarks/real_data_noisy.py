@@ -25,6 +25,7 @@ Run ``python -m benchmarks.real_data_noisy`` (3 seeds, about a minute each on 2 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -230,7 +231,8 @@ def run(seed: int, *, quick: bool = False) -> dict[str, Any]:
   recipe_seconds = time.perf_counter() - t0
 
   flops = compute(data, meta_steps, retrain_steps)
-  steps_per_point = int(flops["recipe"] // flops["train_step"]) // len(GRID)
+  # The baseline gets at least the recipe's compute: round its steps up.
+  steps_per_point = math.ceil(flops["recipe"] / flops["train_step"] / len(GRID))
   t0 = time.perf_counter()
   grid = {lr: train_early_stopped(data, lr, steps_per_point, key_base) for lr in GRID}
   baseline_seconds = time.perf_counter() - t0

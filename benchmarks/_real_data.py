@@ -1,0 +1,115 @@
+r"""Shared pieces of the real-data experiments: compute accounting, summaries, tables.
+
+Every real-data experiment compares the library's recommended meta-learning
+recipe with the baseline a user would otherwise run (a grid over the learning
+rate, each point early-stopped on the validation set) at **equal compute**, over
+seeds. Compute is counted in FLOPs from XLA's cost analysis of each compiled
+function, times the number of its calls:
+
+.. math::
+
+  C_\text{recipe} = n_\text{meta}\, c_\text{meta step} + n_\text{retrain}\,
+  c_\text{train step}, \qquad
+  n_\text{baseline steps} = \lfloor C_\text{recipe} / c_\text{train step} \rfloor .
+
+XLA counts the body of a ``while`` loop (``lax.scan``) once, not once per
+trip, so a function is analysed with its loops unrolled (``unroll_steps=True``
+for the inner loop) or per trip and multiplied: :func:`flops` documents which.
+Evaluations on the validation set are cheap next to training and are made on
+the same schedule on both sides; they are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+RESULTS_DIR = pathlib.Path("docs/bench/real_data")
+
+
+def flops(fn: Callable[..., Any], *args: Any) -> float:
+  """FLOPs of one call of ``jax.jit(fn)(*args)`` from XLA's cost analysis.
+
+  The count is exact for straight-line programs; a ``lax.scan`` body is counted
+  once, so callers pass functions whose loops are unrolled.
+  """
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older JAX: one dict per device program
+    analysis = analysis[0]
+  return float(analysis["flops"])
+
+
+def verdict(recipe: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool) -> str:
+  """``"wins"`` when the recipe's mean is better and it is better on most seeds.
+
+  Otherwise ``"ties"`` (equal means within 1e-9, or better mean on a minority of seeds) or
+  ``"loses"`` (worse mean).
+  """
+  sign = 1.0 if higher_is_better else -1.0
+  diffs = [sign * (r - b) for r, b in zip(recipe, baseline, strict=True)]
+  mean = statistics.fmean(diffs)
+  better = sum(d > 0 for d in diffs)
+  if mean > 1e-9 and better > len(diffs) / 2:
+    return "wins"
+  if mean < -1e-9:
+    return "loses"
+  return "ties"
+
+
+def summarise(
+  task: str, metric: str, rows: list[dict[str, Any]], *, higher_is_better: bool
+) -> dict:
+  """Per-seed rows -> the task's summary: means, stds, the verdict and the compute ratio."""
+  recipe = [r["recipe"] for r in rows]
+  baseline = [r["baseline"] for r in rows]
+  return {
+    "task": task,
+    "metric": metric,
+    "higher_is_better": higher_is_better,
+    "seeds": [r["seed"] for r in rows],
+    "recipe_mean": statistics.fmean(recipe),
+    "recipe_std": statistics.pstdev(recipe),
+    "baseline_mean": statistics.fmean(baseline),
+    "baseline_std": statistics.pstdev(baseline),
+    "compute_ratio": max(r["recipe_flops"] / r["baseline_flops"] for r in rows),
+    "verdict": verdict(recipe, baseline, higher_is_better=higher_is_better),
+    "rows": rows,
+  }
+
+
+def markdown_row(summary: dict) -> str:
+  """One line of the real-data table for ``summary`` (see :func:`summarise`)."""
+  per_seed = ", ".join(f"{r['recipe']:.3f} vs {r['baseline']:.3f}" for r in summary["rows"])
+  return (
+    f"| {summary['task']} | {summary['metric']} | "
+    f"{summary['recipe_mean']:.3f} ± {summary['recipe_std']:.3f} | "
+    f"{summary['baseline_mean']:.3f} ± {summary['baseline_std']:.3f} | "
+    f"{summary['compute_ratio']:.2f} | {per_seed} | **{summary['verdict']}** |"
+  )
+
+
+TABLE_HEADER = (
+  "| task | metric | recipe (mean ± std) | tuned baseline (mean ± std) | compute recipe/baseline "
+  "| per seed (recipe vs baseline) | verdict |\n|---|---|---:|---:|---:|---|---|"
+)
+
+
+def write(name: str, summary: dict, out_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
+  """Writes ``<out_dir>/<name>.json`` and ``<name>.md``; returns the JSON's path."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"{name}.json"
+  path.write_text(json.dumps(summary, indent=1, default=_jsonable) + "\n")
+  (out_dir / f"{name}.md").write_text(TABLE_HEADER + "\n" + markdown_row(summary) + "\n")
+  return path
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f"not JSON serialisable: {type(x).__name__}")

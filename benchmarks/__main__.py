@@ -12,6 +12,7 @@ Examples::
   python -m benchmarks --suite grid --tasks maml --models lm-m --T 2,4 --compile-only
   python -m benchmarks --suite full --size lm.seq_len=256
   python -m benchmarks --experiments seq --size lm.attention=xla   # realistic remat, XLA attention
+  python -m benchmarks --real-data           # then the real-data experiments and their table
 """
 
 from __future__ import annotations
@@ -202,6 +203,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
   p.add_argument("--x64", action="store_true", help="run in float64 instead of float32")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  p.add_argument(
+    "--real-data",
+    action="store_true",
+    help="afterwards, run the real-data experiments (python -m benchmarks.real_data: each "
+    "recipe against the tuned baseline at equal compute, 3 seeds; about an hour on 2 CPU cores) "
+    "and write their table",
+  )
   return p
 
 
@@ -250,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"results in {os.path.join(args.out, 'results.json')}; table.txt, summary.md, "
     f"frontier.json, run.json and {len(plots)} plots in {args.out}"
   )
+  if args.real_data:
+    from benchmarks import real_data
+
+    real_data.main([])
   return 0
 
 

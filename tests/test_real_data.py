@@ -1,0 +1,80 @@
+"""The real-data experiments' shared protocol and the noisy-label task's pieces.
+
+The experiments themselves run in the benchmark (``python -m benchmarks.real_data``); these tests
+check what their verdicts rest on: the verdict rule, the equal-compute accounting (XLA counts a
+loop body once, so a meta-step must be analysed unrolled), and the noisy-label split.
+"""
+
+import helpers
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+from benchmarks import _real_data, real_data, real_data_noisy
+
+
+class VerdictTest(helpers.TestCase):
+  @parameterized.named_parameters(
+    ("better_on_every_seed", [0.9, 0.9, 0.9], [0.8, 0.8, 0.8], True, "wins"),
+    ("better_mean_two_of_three", [0.9, 0.9, 0.7], [0.8, 0.8, 0.75], True, "wins"),
+    ("better_mean_one_of_three", [1.0, 0.7, 0.7], [0.8, 0.75, 0.75], True, "ties"),
+    ("worse_mean", [0.7, 0.7, 0.7], [0.8, 0.8, 0.8], True, "loses"),
+    ("lower_is_better", [2.0, 2.0, 2.1], [2.1, 2.1, 2.0], False, "wins"),
+    ("equal", [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], True, "ties"),
+  )
+  def test_verdict(self, recipe, baseline, higher_is_better, expected):
+    self.assertEqual(
+      _real_data.verdict(recipe, baseline, higher_is_better=higher_is_better), expected
+    )
+
+  def test_summary_and_table_row(self):
+    rows = [
+      {"seed": s, "recipe": r, "baseline": b, "recipe_flops": 1.0, "baseline_flops": 1.1}
+      for s, r, b in [(0, 0.9, 0.8), (1, 0.95, 0.85), (2, 0.9, 0.92)]
+    ]
+    summary = _real_data.summarise("task", "accuracy", rows, higher_is_better=True)
+    self.assertEqual(summary["verdict"], "wins")
+    self.assertAlmostEqual(summary["compute_ratio"], 1.0 / 1.1)
+    self.assertIn("**wins**", _real_data.markdown_row(summary))
+
+  def test_lm_row_takes_the_stronger_baseline(self):
+    result = {
+      "seed": 0,
+      "recipe": {"test_nats": 2.0, "flops": 10.0},
+      "baselines": {
+        "constant": {"test_nats": 1.9, "flops": 11.0},
+        "cosine": {"test_nats": 2.1, "flops": 11.0},
+      },
+    }
+    row = real_data.TASKS["lm"].row(result)
+    self.assertEqual((row["recipe"], row["baseline"], row["baseline_flops"]), (2.0, 1.9, 11.0))
+
+
+class NoisyLabelsTest(helpers.TestCase):
+  def test_split_and_noise(self):
+    data = real_data_noisy.load(0)
+    self.assertEqual(data.x_train.shape, (real_data_noisy.N_TRAIN, 64))
+    self.assertEqual(data.x_val.shape[0], real_data_noisy.N_VAL)
+    self.assertEqual(data.x_train.shape[0] + data.x_val.shape[0] + data.x_test.shape[0], 1797)
+    self.assertBetween(float(np.mean(data.flipped)), 0.35, 0.45)
+    self.assertEqual(len(np.unique(np.asarray(data.y_train))), 10)
+
+  def test_a_meta_step_is_counted_with_every_inner_step(self):
+    # XLA's cost analysis counts a scan body once; the accounting must see all T inner steps.
+    flops = real_data_noisy.compute(real_data_noisy.load(0), meta_steps=2, retrain_steps=3)
+    self.assertGreater(flops["meta_step"], real_data_noisy.T * flops["train_step"])
+    self.assertEqual(flops["recipe"], 2 * flops["meta_step"] + 3 * flops["train_step"])
+
+  def test_weighted_loss_ignores_zero_weights(self):
+    data = real_data_noisy.load(1)
+    params = real_data_noisy.init_mlp(jax.random.PRNGKey(0))
+    idx = jnp.arange(8)
+    batch = (data.x_train[:8], data.y_train[:8], idx)
+    weights = jnp.zeros(real_data_noisy.N_TRAIN).at[:4].set(1.0)
+    half = (data.x_train[:4], data.y_train[:4], jnp.arange(4))
+    np.testing.assert_allclose(
+      real_data_noisy.weighted_loss(params, weights, batch),
+      real_data_noisy.weighted_loss(params, jnp.ones(real_data_noisy.N_TRAIN), half),
+      rtol=1e-6,
+    )

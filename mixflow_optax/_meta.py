@@ -22,6 +22,7 @@ from mixflow_optax import _forward
 from mixflow_optax._checks import (
   check_bool,
   check_finite_leaves,
+  check_positive_int,
   describe,
   first_non_array_leaf,
   first_non_float_leaf,
@@ -31,7 +32,14 @@ from mixflow_optax._compat import is_tracer
 from mixflow_optax._config import memory_config
 from mixflow_optax._fwdrev import Fallback
 from mixflow_optax._placement import shard_like_params
-from mixflow_optax._unroll import UnrollResult, UnrollSpec, check_params, make_run, unroll_spec
+from mixflow_optax._unroll import (
+  UnrollResult,
+  UnrollSpec,
+  check_params,
+  hyperparams_of,
+  make_run,
+  unroll_spec,
+)
 
 __all__ = ["MetaState", "MetaOptimizer", "meta_optimizer"]
 
@@ -59,6 +67,17 @@ class MetaState(NamedTuple):
       :class:`~mixflow_optax.ForwardTangents` of ``params``, ``inner_state``
       and ``model_state`` with respect to ``meta_params`` (leading axis:
       meta-parameter elements), else None.
+    initial_params: with ``population_size`` and ``reset_every`` (without
+      ``init_params_fn``), the members' starting params given to ``init``
+      (leading axis P), which a member is reset to; else None.
+    initial_model_state: the same for the model state (with
+      ``has_model_state``), else None.
+    member_age: with ``population_size``, each member's number of inner steps
+      since its last reset (int32, shape ``(P,)``), else None.
+
+  With ``population_size=P``, ``params``, ``inner_state`` and ``model_state``
+  have a leading member axis P (and ``outer_state`` too with
+  ``outer_per_member=True``).
   """
 
   meta_params: Any
@@ -68,6 +87,9 @@ class MetaState(NamedTuple):
   count: jax.Array
   model_state: Any = None
   tangents: Any = None
+  initial_params: Any = None
+  initial_model_state: Any = None
+  member_age: Any = None
 
 
 class MetaOptimizer(NamedTuple):
@@ -78,7 +100,7 @@ class MetaOptimizer(NamedTuple):
   step: Callable[[MetaState, Any, Any], tuple[MetaState, dict[str, jax.Array]]]
 
 
-class _Meta(NamedTuple):
+class _MetaSpec(NamedTuple):
   """Everything static about one meta-optimizer."""
 
   spec: UnrollSpec
@@ -89,6 +111,54 @@ class _Meta(NamedTuple):
   reset_inner: bool
   batched_tasks: bool
   forward: _forward.ForwardSpec | None = None
+  population: _PopulationSpec | None = None
+
+
+class _PopulationSpec(NamedTuple):
+  """The population options of a meta-optimizer, checked once by :func:`_population_spec`."""
+
+  size: int
+  reset_every: int | None
+  outer_per_member: bool
+
+
+def _population_spec(
+  population_size: Any,
+  reset_every: Any,
+  outer_per_member: Any,
+  *,
+  batched_tasks: Any,
+  reset_inner: Any,
+  carry_tangents: Any,
+) -> _PopulationSpec | None:
+  check_bool(_OWNER, "outer_per_member", outer_per_member)
+  if population_size is None:
+    if reset_every is not None or outer_per_member:
+      raise ValueError(
+        "reset_every and outer_per_member are options of a population of inner "
+        "learners: pass population_size=P too."
+      )
+    return None
+  size = check_positive_int(_OWNER, "population_size", population_size)
+  if reset_every is not None:
+    reset_every = check_positive_int(_OWNER, "reset_every", reset_every)
+  if batched_tasks is True:
+    raise ValueError(
+      "population_size and batched_tasks=True are alternatives: batched tasks restart "
+      "from one starting point every step, population members carry their own params "
+      "and inner states. Drop one of them."
+    )
+  if reset_inner is True:
+    raise ValueError(
+      "with population_size, members are reset on a schedule: reset_every=1 restarts "
+      "every member after every step (what reset_inner=True would mean). Drop reset_inner."
+    )
+  if carry_tangents is True:
+    raise ValueError(
+      "carry_tangents=True is not supported with population_size: use mode='forward' "
+      "without carried tangents, or a reverse mode."
+    )
+  return _PopulationSpec(size, reset_every, bool(outer_per_member))
 
 
 def _check_meta_options(
@@ -130,7 +200,7 @@ def _check_meta_params(meta_params: Any) -> None:
     )
 
 
-def _check_init_args(meta: _Meta, params: Any, model_state: Any) -> None:
+def _check_init_args(meta: _MetaSpec, params: Any, model_state: Any) -> None:
   # Missing or unexpected arguments are TypeErrors, as in Python and in unroll's run.
   if meta.spec.has_model_state and model_state is None:
     raise TypeError(
@@ -156,16 +226,20 @@ def _copy_arrays(tree: Any) -> Any:
   return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
 
 
-def _init_inner_state(meta: _Meta, params: Any) -> Any:
+def _init_inner_state(meta: _MetaSpec, params: Any) -> Any:
   # Fresh zeros have no sharding of their own: without this, XLA replicates a
   # state re-initialised inside jit (MAML) on every device.
   return shard_like_params(meta.spec.inner_opt.init(params), params)
 
 
-def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = None) -> MetaState:
+def _init(
+  meta: _MetaSpec, meta_params: Any, params: Any = None, model_state: Any = None
+) -> MetaState:
   _check_meta_params(meta_params)
   _check_init_args(meta, params, model_state)
   meta_params, params, model_state = _copy_arrays((meta_params, params, model_state))
+  if meta.population is not None:
+    return _init_population(meta, meta_params, params, model_state)
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
   check_params(params)
@@ -181,15 +255,84 @@ def _init(meta: _Meta, meta_params: Any, params: Any = None, model_state: Any = 
   )
 
 
-def _check_state(meta: _Meta, state: Any) -> None:
+def _check_member_axis(size: int, name: str, tree: Any, hint: str) -> None:
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] != size:
+      raise ValueError(
+        f"population_size={size}: every leaf of {name} needs a leading member axis of "
+        f"length {size}, but {name}{jax.tree_util.keystr(path)} has shape {shape}. {hint}"
+      )
+
+
+def _broadcast_members(tree: Any, size: int) -> Any:
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (size,) + jnp.shape(x)), tree)
+
+
+def _init_population(meta: _MetaSpec, meta_params: Any, params: Any, model_state: Any) -> MetaState:
+  """The state of P members, each with its own params and inner state (leading axis P)."""
+  pop = meta.population
+  hint = (
+    "Stack one per member, e.g. jax.vmap(init_fn)(jax.random.split(key, P)), or repeat "
+    "one: jax.tree.map(lambda x: jnp.broadcast_to(x, (P,) + x.shape), tree)."
+  )
+  if meta.init_params_fn is not None:
+    params = _broadcast_members(meta.init_params_fn(meta_params), pop.size)
+  _check_member_axis(pop.size, "params", params, hint)
+  _check_member_axis(pop.size, "model_state", model_state, hint)
+  check_params(params)
+  outer_state = meta.outer_opt.init(meta_params)
+  if pop.outer_per_member:
+    outer_state = _broadcast_members(outer_state, pop.size)
+  resets = pop.reset_every is not None
+  keep_params = resets and meta.init_params_fn is None
+  return MetaState(
+    meta_params=meta_params,
+    params=params,
+    inner_state=jax.vmap(meta.spec.inner_opt.init)(params),
+    outer_state=_copy_arrays(outer_state),
+    count=jnp.zeros([], jnp.int32),
+    model_state=model_state,
+    # Copies: one buffer may not appear twice in a donated state.
+    initial_params=_copy_arrays(params) if keep_params else None,
+    initial_model_state=_copy_arrays(model_state) if resets else None,
+    member_age=jnp.zeros([pop.size], jnp.int32),
+  )
+
+
+def _check_state(meta: _MetaSpec, state: Any) -> None:
   if not isinstance(state, MetaState):
     raise TypeError(
       f"step needs the MetaState made by this meta-optimizer's init, got {describe(state)}: "
       "call state = mo.init(meta_params, params) first."
     )
+  # Checked up front: an inner state of another structure would otherwise fail
+  # deep inside the unrolled loop with an unrelated message.
+  if _foreign_state_field(meta, state) == "inner_state":
+    raise _foreign_state_error("inner_state")
 
 
-def _foreign_state_field(meta: _Meta, state: MetaState) -> str | None:
+def _foreign_state_error(field: str) -> TypeError:
+  return TypeError(
+    f"step was given a MetaState whose {field} was not made by this meta-optimizer's "
+    "optimizers (was it made by another meta-optimizer's init?): call this one's init."
+  )
+
+
+def _outer_update(meta: _MetaSpec, grads: Any, outer_state: Any, meta_params: Any) -> tuple:
+  """``outer_opt.update``, with a clear error for an outer state made by another optimizer."""
+  try:
+    return meta.outer_opt.update(grads, outer_state, meta_params)
+  except (AttributeError, TypeError, ValueError) as err:
+    # Only the outer optimizer's own update runs here: a failure with a state of
+    # another structure is that state's fault; any other failure is re-raised.
+    expected = jax.eval_shape(meta.outer_opt.init, meta_params)
+    if jax.tree.structure(outer_state) == jax.tree.structure(expected):
+      raise
+    raise _foreign_state_error("outer_state") from err
+
+
+def _foreign_state_field(meta: _MetaSpec, state: MetaState) -> str | None:
   """The optimizer state of ``state`` whose structure this meta-optimizer did not make."""
   want = {
     "inner_state": jax.eval_shape(meta.spec.inner_opt.init, state.params),
@@ -217,13 +360,23 @@ def _check_task_axis(inner_batches: Any, outer_batch: Any) -> None:
 
 
 def _task_loss(
-  meta: _Meta, meta_params, params, inner_state, model_state, inner_batches, outer_batch
+  meta: _MetaSpec,
+  meta_params,
+  params,
+  inner_state,
+  model_state,
+  inner_batches,
+  outer_batch,
+  step_offset,
 ) -> tuple[jax.Array, UnrollResult]:
-  """The outer loss of one task at the unrolled parameters, and the unroll's result."""
-  if meta.init_params_fn is not None:
+  """The outer loss of one task at the unrolled parameters, and the unroll's result.
+
+  ``step_offset`` is the index of the first inner step (per-step hyperparameters).
+  """
+  if meta.init_params_fn is not None and meta.population is None:
     params = meta.init_params_fn(meta_params)
     inner_state = _init_inner_state(meta, params)
-  result = meta.run(meta_params, params, inner_state, inner_batches, model_state)
+  result = meta.run(meta_params, params, inner_state, inner_batches, model_state, step_offset)
   extra = (result.model_state,) if meta.spec.has_model_state else ()
   value = meta.outer_loss(result.params, meta_params, outer_batch, *extra)
   if jnp.shape(value) != ():
@@ -237,30 +390,59 @@ def _task_loss(
   return value, result
 
 
+def _value_and_grad_fn(meta: _MetaSpec) -> Callable:
+  """``fn(meta_params, params, inner_state, model_state, inner_batches, outer_batch, offset)``.
+
+  It returns ``((outer loss, unroll result), meta-gradient)`` of one task (or member).
+  """
+  task_loss = functools.partial(_task_loss, meta)
+  if meta.forward is not None:
+    return _forward.value_and_grad(meta.forward, task_loss)
+  return jax.value_and_grad(task_loss, has_aux=True)
+
+
+def _num_inner_steps(inner_batches: Any, axis: int) -> int:
+  # Malformed batches are reported by the unroll itself; 0 only feeds a step offset there.
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(inner_batches)]
+  return shapes[0][axis] if shapes and len(shapes[0]) > axis else 0
+
+
+def _step_offset(meta: _MetaSpec, state: MetaState, inner_batches: Any) -> jax.Array:
+  """Index of the run's first inner step: inner steps since ``init`` online, else 0."""
+  if meta.reset_inner or meta.init_params_fn is not None:
+    return jnp.zeros([], jnp.int32)
+  return state.count * _num_inner_steps(inner_batches, 0)
+
+
+def _applied_hyperparams(meta: _MetaSpec, meta_params: Any, offset: jax.Array, num_steps: int):
+  """The hyperparameters the inner optimizer used; stacked over steps if per step."""
+  if not meta.spec.hyperparams_per_step:
+    return hyperparams_of(meta.spec, meta_params)
+  steps = offset + jnp.arange(num_steps, dtype=jnp.int32)
+  return jax.vmap(lambda t: hyperparams_of(meta.spec, meta_params, t))(steps)
+
+
 def _meta_value_and_grad(
-  meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any
+  meta: _MetaSpec, state: MetaState, inner_batches: Any, outer_batch: Any, offset: jax.Array
 ) -> tuple[jax.Array, UnrollResult, Any, Any]:
   """``(outer loss, unroll result, meta-gradient, tangents)``, averaged over tasks if batched."""
-  task_loss = functools.partial(_task_loss, meta)
   args = (state.meta_params, state.params, state.inner_state, state.model_state)
   if meta.forward is not None and meta.forward.carry_tangents:
+    task_loss = functools.partial(_task_loss, meta)
     return _forward.carried_value_and_grad(meta.forward, task_loss, state.tangents)(
-      *args, inner_batches, outer_batch
+      *args, inner_batches, outer_batch, offset
     )
-  if meta.forward is not None:
-    value_and_grad = _forward.value_and_grad(meta.forward, task_loss)
-  else:
-    value_and_grad = jax.value_and_grad(task_loss, has_aux=True)
+  value_and_grad = _value_and_grad_fn(meta)
   if not meta.batched_tasks:
-    (value, result), grads = value_and_grad(*args, inner_batches, outer_batch)
+    (value, result), grads = value_and_grad(*args, inner_batches, outer_batch, offset)
     return value, result, grads, None
   _check_task_axis(inner_batches, outer_batch)
-  per_task = jax.vmap(lambda ib, ob: value_and_grad(*args, ib, ob))
+  per_task = jax.vmap(lambda ib, ob: value_and_grad(*args, ib, ob, offset))
   (values, result), grads = per_task(inner_batches, outer_batch)
   return jnp.mean(values), result, jax.tree.map(lambda g: jnp.mean(g, axis=0), grads), None
 
 
-def _next_inner(meta: _Meta, state: MetaState, meta_params: Any, result: UnrollResult) -> tuple:
+def _next_inner(meta: _MetaSpec, state: MetaState, meta_params: Any, result: UnrollResult) -> tuple:
   """``(params, inner_state, model_state)`` the next step starts from."""
   if meta.init_params_fn is not None:
     params = meta.init_params_fn(meta_params)
@@ -270,21 +452,7 @@ def _next_inner(meta: _Meta, state: MetaState, meta_params: Any, result: UnrollR
   return result.params, result.opt_state, result.model_state
 
 
-def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -> tuple:
-  _check_state(meta, state)
-  try:
-    value, result, grads, tangents = _meta_value_and_grad(meta, state, inner_batches, outer_batch)
-    updates, outer_state = meta.outer_opt.update(grads, state.outer_state, state.meta_params)
-  except (AttributeError, TypeError, ValueError) as err:
-    # An optimizer state of another structure fails deep inside the optimizer's
-    # update; a state made by another meta-optimizer's init is the likely cause.
-    field = _foreign_state_field(meta, state)
-    if field is None:
-      raise
-    raise TypeError(
-      f"step was given a MetaState whose {field} was not made by this meta-optimizer's "
-      "optimizers (was it made by another meta-optimizer's init?): call this one's init."
-    ) from err
+def _check_meta_grads_finite(meta: _MetaSpec, grads: Any) -> None:
   if meta.spec.check_finite:
     check_finite_leaves(
       grads,
@@ -293,6 +461,116 @@ def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -
       "outer_loss's direct dependence on meta_params, or from hyperparams_fn / "
       "init_params_fn (e.g. a log or sqrt of a non-positive meta-parameter).",
     )
+
+
+def _due_for_reset(pop: _PopulationSpec, count: jax.Array) -> jax.Array:
+  """Members reset after meta-step ``count``: staggered, member i when (count + iK/P) % K == 0."""
+  offsets = (jnp.arange(pop.size, dtype=jnp.int32) * pop.reset_every) // pop.size
+  return (count + offsets) % pop.reset_every == 0
+
+
+def _reset_members(
+  meta: _MetaSpec, state: MetaState, meta_params: Any, result: UnrollResult, count: jax.Array
+) -> tuple:
+  """``(params, inner_state, model_state, member_age)`` the next step starts from."""
+  age = state.member_age + jnp.shape(result.losses)[-1]
+  pop = meta.population
+  if pop.reset_every is None:
+    return result.params, result.opt_state, result.model_state, age
+  due = _due_for_reset(pop, count)
+  if meta.init_params_fn is not None:
+    fresh = _broadcast_members(meta.init_params_fn(meta_params), pop.size)
+  else:
+    fresh = state.initial_params
+
+  def pick(fresh_tree, carried_tree):
+    return jax.tree.map(
+      lambda a, b: jnp.where(due.reshape((-1,) + (1,) * (jnp.ndim(b) - 1)), a, b),
+      fresh_tree,
+      carried_tree,
+    )
+
+  fresh_inner = jax.vmap(meta.spec.inner_opt.init)(fresh)
+  model_state = pick(state.initial_model_state, result.model_state)
+  return (
+    pick(fresh, result.params),
+    pick(fresh_inner, result.opt_state),
+    model_state,
+    jnp.where(due, 0, age),
+  )
+
+
+def _population_step(
+  meta: _MetaSpec, state: MetaState, inner_batches: Any, outer_batch: Any
+) -> tuple:
+  """One meta-step of P members (vmapped); the meta-update is the mean over members."""
+  pop = meta.population
+  hint = "Stack the members' batches: inner_batches (P, T, ...), outer_batch (P, ...)."
+  _check_member_axis(pop.size, "inner_batches", inner_batches, hint)
+  _check_member_axis(pop.size, "outer_batch", outer_batch, hint)
+  per_member = jax.vmap(_value_and_grad_fn(meta), in_axes=(None, 0, 0, 0, 0, 0, 0))
+  (values, result), member_grads = per_member(
+    state.meta_params,
+    state.params,
+    state.inner_state,
+    state.model_state,
+    inner_batches,
+    outer_batch,
+    state.member_age,
+  )
+
+  def mean(tree):
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+  grads = mean(member_grads)
+  if pop.outer_per_member:
+    # Each member's meta-gradient through its own outer state (e.g. its own Adam
+    # normalisation); the applied update is the members' mean (DiscoRL).
+    update = jax.vmap(lambda g, s: _outer_update(meta, g, s, state.meta_params))
+    member_updates, outer_state = update(member_grads, state.outer_state)
+    updates = mean(member_updates)
+  else:
+    updates, outer_state = _outer_update(meta, grads, state.outer_state, state.meta_params)
+  _check_meta_grads_finite(meta, grads)
+  meta_params = optax.apply_updates(state.meta_params, updates)
+  count = optax.safe_increment(state.count)
+  params, inner_state, model_state, age = _reset_members(meta, state, meta_params, result, count)
+  metrics = {
+    "outer_loss": jnp.mean(values),
+    "member_outer_loss": values,
+    "inner_losses": result.losses,
+    "member_age": state.member_age,
+    "meta_grad_norm": optax.tree.norm(grads),
+  }
+  if meta.spec.hyperparams_fn is not None:
+    num_steps = jnp.shape(result.losses)[-1]
+    applied = functools.partial(_applied_hyperparams, meta, state.meta_params)
+    if meta.spec.hyperparams_per_step:
+      metrics["hyperparams"] = jax.vmap(lambda a: applied(a, num_steps))(state.member_age)
+    else:
+      metrics["hyperparams"] = applied(state.member_age[0], num_steps)
+  new_state = state._replace(
+    meta_params=meta_params,
+    params=params,
+    inner_state=inner_state,
+    outer_state=outer_state,
+    count=count,
+    model_state=model_state,
+    member_age=age,
+  )
+  return new_state, metrics
+
+
+def _step(meta: _MetaSpec, state: MetaState, inner_batches: Any, outer_batch: Any) -> tuple:
+  _check_state(meta, state)
+  if meta.population is not None:
+    return _population_step(meta, state, inner_batches, outer_batch)
+  offset = _step_offset(meta, state, inner_batches)
+  value, result, grads, tangents = _meta_value_and_grad(
+    meta, state, inner_batches, outer_batch, offset
+  )
+  updates, outer_state = _outer_update(meta, grads, state.outer_state, state.meta_params)
+  _check_meta_grads_finite(meta, grads)
   meta_params = optax.apply_updates(state.meta_params, updates)
   params, inner_state, model_state = _next_inner(meta, state, meta_params, result)
   metrics = {
@@ -300,6 +578,9 @@ def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -
     "inner_losses": result.losses,
     "meta_grad_norm": optax.tree.norm(grads),
   }
+  if meta.spec.hyperparams_fn is not None:
+    num_steps = jnp.shape(result.losses)[-1]
+    metrics["hyperparams"] = _applied_hyperparams(meta, state.meta_params, offset, num_steps)
   new_state = MetaState(
     meta_params=meta_params,
     params=params,
@@ -312,7 +593,7 @@ def _step(meta: _Meta, state: MetaState, inner_batches: Any, outer_batch: Any) -
   return new_state, metrics
 
 
-def _checked_step(meta: _Meta) -> Callable:
+def _checked_step(meta: _MetaSpec) -> Callable:
   """``step`` with its checkify checks functionalised (``check_finite=True``)."""
   checked = checkify.checkify(lambda *a: _step(meta, *a))
   compiled = jax.jit(checked)
@@ -336,7 +617,7 @@ def meta_optimizer(
   inner_opt: optax.GradientTransformation,
   outer_opt: optax.GradientTransformation,
   *,
-  hyperparams_fn: Callable[[Any], dict[str, Any]] | None = None,
+  hyperparams_fn: Callable[..., dict[str, Any]] | None = None,
   mode: MetaMode = "mixflow",
   reset_inner: bool = False,
   init_params_fn: Callable[[Any], optax.Params] | None = None,
@@ -351,6 +632,10 @@ def meta_optimizer(
   carry_tangents: bool = False,
   max_forward_elements: int = _forward.DEFAULT_MAX_FORWARD_ELEMENTS,
   offload_carries: bool = False,
+  hyperparams_per_step: bool = False,
+  population_size: int | None = None,
+  reset_every: int | None = None,
+  outer_per_member: bool = False,
 ) -> MetaOptimizer:
   r"""Gradient-based meta-learning of ``meta_params`` with exact meta-gradients.
 
@@ -429,6 +714,31 @@ def meta_optimizer(
       (2017), whose tangents mix the meta-parameters of past steps.
     max_forward_elements: ``mode="forward"`` raises if ``meta_params`` has
       more elements than this (its cost is one JVP per element).
+    hyperparams_per_step: per-step schedules: ``hyperparams_fn(meta_params,
+      step)`` is called inside every inner step with ``step`` the int32 index
+      of the inner step counted from the start of the inner run: online,
+      ``state.count * T + t`` (inner steps since ``init``); with
+      ``reset_inner`` or ``init_params_fn``, ``t`` in :math:`[0, T)`; in a
+      population, each member's age (inner steps since its last reset).
+    population_size: P inner learners that carry their own params, inner
+      state (and model state) from step to step, as in DataRater and DiscoRL:
+      ``init`` takes params with a leading member axis P (e.g.
+      ``jax.vmap(init_fn)(keys)``; with ``init_params_fn``, every member
+      starts from ``init_params_fn(meta_params)``), ``inner_batches`` leaves
+      have shape ``(P, T, ...)`` and ``outer_batch`` leaves ``(P, ...)``. The
+      members run vmapped (the member axis can be sharded over devices) and
+      the meta-gradient is their mean. Not with ``batched_tasks``.
+    reset_every: with a population, reset member :math:`i` after every
+      meta-step whose new count :math:`c` satisfies :math:`(c + \lfloor
+      iK/P \rfloor) \bmod K = 0` (:math:`K` = ``reset_every``): to its
+      params given to ``init`` (or ``init_params_fn(meta_params)``), its
+      model state given to ``init`` and a fresh inner state. Staggered: at
+      most :math:`\lceil P/K \rceil` members reset per step, so the
+      population always holds learners of every age.
+    outer_per_member: with a population, keep one ``outer_opt`` state per
+      member (leading axis P): each member's meta-gradient is transformed by
+      its own state (e.g. its own Adam normalisation) and the applied update
+      is the mean of the members' updates (as in DiscoRL).
 
   Returns:
     A :class:`MetaOptimizer` ``(init, step)``. ``init(meta_params,
@@ -437,7 +747,14 @@ def meta_optimizer(
     ``jax.jit(step, donate_argnums=0)`` leaves the caller's own intact).
     ``step(state, inner_batches, outer_batch) -> (state, metrics)`` is pure and jit-able; ``metrics`` has
     ``outer_loss`` (before the update), ``inner_losses`` (shape ``(T,)``, or
-    ``(tasks, T)``) and ``meta_grad_norm``.
+    ``(tasks, T)``), ``meta_grad_norm`` and, with ``hyperparams_fn``,
+    ``hyperparams``: the hyperparameters the inner optimizer used in this
+    step, ``hyperparams_fn(meta_params)`` before the outer update (with
+    ``hyperparams_per_step``, stacked over the T inner steps). With a
+    population: ``outer_loss`` is the members' mean, ``member_outer_loss``
+    has shape ``(P,)``, ``inner_losses`` ``(P, T)``, ``member_age`` ``(P,)``
+    (the members' ages at the start of the step) and per-step
+    ``hyperparams`` a leading member axis.
 
   Examples:
     Learn RMSProp's learning rate online (optax's meta-learning tutorial):
@@ -451,8 +768,16 @@ def meta_optimizer(
     >>> xs = jnp.linspace(1.0, 7.0, 7)
     >>> state, metrics = jax.jit(mo.step)(state, (xs[:6], 10 * xs[:6]), (xs[6], 70.0))
     >>> sorted(metrics)
-    ['inner_losses', 'meta_grad_norm', 'outer_loss']
+    ['hyperparams', 'inner_losses', 'meta_grad_norm', 'outer_loss']
   """
+  population = _population_spec(
+    population_size,
+    reset_every,
+    outer_per_member,
+    batched_tasks=batched_tasks,
+    reset_inner=reset_inner,
+    carry_tangents=carry_tangents,
+  )
   _check_meta_options(outer_opt, reset_inner, init_params_fn, batched_tasks)
   forward = _forward.forward_spec(
     mode,
@@ -481,9 +806,18 @@ def meta_optimizer(
     fallback=fallback,
     has_model_state=has_model_state,
     check_finite=check_finite,
+    hyperparams_per_step=hyperparams_per_step,
   )
-  meta = _Meta(
-    spec, make_run(spec), outer_loss, outer_opt, init_params_fn, reset_inner, batched_tasks, forward
+  meta = _MetaSpec(
+    spec,
+    make_run(spec),
+    outer_loss,
+    outer_opt,
+    init_params_fn,
+    reset_inner,
+    batched_tasks,
+    forward,
+    population,
   )
   step = _checked_step(meta) if check_finite else functools.partial(_step, meta)
   return MetaOptimizer(init=functools.partial(_init, meta), step=step)

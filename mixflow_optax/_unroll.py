@@ -77,6 +77,7 @@ class UnrollSpec(NamedTuple):
   fallback: Fallback
   has_model_state: bool
   check_finite: bool
+  hyperparams_per_step: bool = False
 
 
 def _check_inner_opt(inner_opt: Any, hyperparams_fn: Any) -> None:
@@ -110,16 +111,35 @@ def unroll_spec(
   fallback: Fallback,
   has_model_state: bool,
   check_finite: bool,
+  hyperparams_per_step: bool = False,
 ) -> UnrollSpec:
   """Checks the options of an unrolled loop and returns them as one object."""
   check_mode(mode)
   _check_fallback(fallback)
   check_bool(owner, "has_model_state", has_model_state)
   check_bool(owner, "check_finite", check_finite)
+  _check_per_step(owner, hyperparams_per_step, hyperparams_fn)
   _check_inner_opt(inner_opt, hyperparams_fn)
   return UnrollSpec(
-    inner_loss, inner_opt, hyperparams_fn, mode, memory, fallback, has_model_state, check_finite
+    inner_loss,
+    inner_opt,
+    hyperparams_fn,
+    mode,
+    memory,
+    fallback,
+    has_model_state,
+    check_finite,
+    bool(hyperparams_per_step),
   )
+
+
+def _check_per_step(owner: str, hyperparams_per_step: Any, hyperparams_fn: Any) -> None:
+  check_bool(owner, "hyperparams_per_step", hyperparams_per_step)
+  if hyperparams_per_step and hyperparams_fn is None:
+    raise ValueError(
+      f"{owner}(hyperparams_per_step=True) calls hyperparams_fn(meta_params, step) at "
+      "every inner step, but no hyperparams_fn was given."
+    )
 
 
 def _check_leading_axis(inner_batches: Any) -> int:
@@ -185,10 +205,11 @@ def _check_model_state_given(has_model_state: bool, model_state: Any) -> None:
     )
 
 
-def _hyperparams_of(spec: UnrollSpec, meta_params: Any) -> dict[str, Any] | None:
+def hyperparams_of(spec: UnrollSpec, meta_params: Any, *step: jax.Array) -> dict[str, Any] | None:
+  """``hyperparams_fn(meta_params[, step])``, checked; None without ``hyperparams_fn``."""
   if spec.hyperparams_fn is None:
     return None
-  hyperparams = spec.hyperparams_fn(meta_params)
+  hyperparams = spec.hyperparams_fn(meta_params, *step)
   if not isinstance(hyperparams, dict):
     raise TypeError(
       "hyperparams_fn must return a dict mapping hyperparameter names to "
@@ -369,19 +390,31 @@ def _inner_value_and_grad(spec: UnrollSpec, mode: Mode) -> Callable:
 
 
 def _make_step(
-  spec: UnrollSpec, value_and_grad: Callable, meta_params: Any, hyperparams: Any
+  spec: UnrollSpec,
+  value_and_grad: Callable,
+  meta_params: Any,
+  hyperparams: Any,
+  step_offset: jax.Array,
 ) -> Callable:
-  """One inner step ``(carry, (t, batch)) -> (carry, loss | (loss, finite flags))``."""
+  """One inner step ``(carry, (t, batch)) -> (carry, loss | (loss, finite flags))``.
+
+  With ``hyperparams_per_step``, ``hyperparams`` is None and each step computes
+  its own, ``hyperparams_fn(meta_params, step_offset + t)``.
+  """
   check = spec.check_finite
 
   def step(carry, xs):
     t, batch = xs
+    if spec.hyperparams_per_step:
+      hyperparams_t = hyperparams_of(spec, meta_params, step_offset + t)
+    else:
+      hyperparams_t = hyperparams
     if spec.memory.offload_carries:
       # The copy of the step's input that the backward pass keeps is this named one.
       carry = checkpoint_name(carry, CARRY_NAME)
     carry = _watch(carry, t, "carry") if check else carry
     params, opt_state, model_state = carry
-    meta, hps = meta_params, hyperparams
+    meta, hps = meta_params, hyperparams_t
     if check:
       meta = _watch(meta, t, "meta")
       hps = None if hps is None else _watch(hps, t, "hyperparams")
@@ -435,11 +468,25 @@ def _scan_steps(
   return UnrollResult(*carry, losses)
 
 
+def _step_offset(step_offset: Any) -> jax.Array:
+  if jnp.shape(step_offset) != () or not jnp.issubdtype(jnp.result_type(step_offset), jnp.integer):
+    raise TypeError(
+      f"run(..., step_offset=...) must be an integer scalar (the index of the first inner "
+      f"step, e.g. 0 or state.count * T), got {describe(step_offset)}."
+    )
+  return jnp.asarray(step_offset, jnp.int32)
+
+
 def make_run(spec: UnrollSpec) -> Callable[..., UnrollResult]:
-  """``run(meta_params, params, opt_state, inner_batches, model_state=None) -> UnrollResult``."""
+  """``run(meta_params, params, opt_state, inner_batches, model_state=None, step_offset=0)``.
+
+  ``run`` returns an :class:`UnrollResult`.
+  """
   value_and_grads = {mode: _inner_value_and_grad(spec, mode) for mode in {spec.mode, "standard"}}
 
-  def run(meta_params, params, opt_state, inner_batches, model_state=None) -> UnrollResult:
+  def run(
+    meta_params, params, opt_state, inner_batches, model_state=None, step_offset=0
+  ) -> UnrollResult:
     check_params(params)
     num_steps = _check_leading_axis(inner_batches)
     _check_model_state_given(spec.has_model_state, model_state)
@@ -451,8 +498,9 @@ def make_run(spec: UnrollSpec) -> Callable[..., UnrollResult]:
       # A custom_vjp cannot run under jax.jvp; there the plain inner gradient
       # is already differentiated forward-over-reverse.
       mode = "standard"
-    hyperparams = _hyperparams_of(spec, meta_params)
-    step = _make_step(spec, value_and_grads[mode], meta_params, hyperparams)
+    offset = _step_offset(step_offset)
+    hyperparams = None if spec.hyperparams_per_step else hyperparams_of(spec, meta_params)
+    step = _make_step(spec, value_and_grads[mode], meta_params, hyperparams, offset)
     return _scan_steps(spec, step, (params, opt_state, model_state), inner_batches, num_steps)
 
   return run
@@ -473,6 +521,7 @@ def unroll(
   has_model_state: bool = False,
   check_finite: bool = False,
   offload_carries: bool = False,
+  hyperparams_per_step: bool = False,
 ) -> Callable:
   r"""Builds ``run(meta_params, params, opt_state, inner_batches)``: T inner steps.
 
@@ -496,7 +545,8 @@ def unroll(
     hyperparams_fn: ``hyperparams_fn(meta_params) -> dict`` passed as
       ``hyperparams=`` to ``inner_opt.update`` at every step (e.g.
       ``lambda m: {"learning_rate": jnp.exp(m["log_lr"])}``). It is evaluated
-      once per ``run``, outside the loop.
+      once per ``run``, outside the loop (with ``hyperparams_per_step``, once
+      per inner step).
     mode: ``"mixflow"`` (default): inner gradients by
       :func:`fwdrev_value_and_grad`, differentiated forward-over-reverse.
       ``"standard"``: plain :func:`jax.value_and_grad` inside (reverse-over-reverse
@@ -555,6 +605,13 @@ def unroll(
       TPU); raises ``ValueError`` elsewhere. On the CPU backend, whose device
       memory is host memory, it runs but moves nothing. Saved inner gradients
       stay on the device. The meta-gradient is unchanged. Default ``False``.
+    hyperparams_per_step: per-step schedules: call ``hyperparams_fn(meta_params,
+      step)`` inside every inner step, with ``step`` the int32 index
+      ``step_offset + t`` (``t`` in :math:`[0, T)`; ``run``'s keyword
+      ``step_offset``, default 0, continues a schedule across runs). E.g. a
+      learned piecewise-linear log learning rate, ``lambda m, step:
+      {"learning_rate": jnp.exp(jnp.interp(step, knots, m["log_lr_knots"]))}``.
+      Differentiated exactly like constant hyperparameters.
 
   Under :func:`jax.jvp` / :func:`jax.jacfwd` (applied outside any ``jit``),
   ``mode="mixflow"`` computes the inner gradients with plain
@@ -606,12 +663,13 @@ def unroll(
     fallback=fallback,
     has_model_state=has_model_state,
     check_finite=check_finite,
+    hyperparams_per_step=hyperparams_per_step,
   )
   check_bool(_OWNER, "return_losses", return_losses)
   run_result = make_run(spec)
 
-  def run(meta_params, params, opt_state, inner_batches, model_state=None):
-    result = run_result(meta_params, params, opt_state, inner_batches, model_state)
+  def run(meta_params, params, opt_state, inner_batches, model_state=None, *, step_offset=0):
+    result = run_result(meta_params, params, opt_state, inner_batches, model_state, step_offset)
     return result.as_tuple(has_model_state, return_losses)
 
   return run

@@ -172,13 +172,76 @@ class PerLeaf(list):
   """
 
 
+def _key_name(key: Any) -> Any:
+  """The name a path entry stands for, whatever the container (dict, nnx.State, dataclass)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return key
+
+
+def _path_str(path: tuple) -> str:
+  return "".join(f"[{k!r}]" for k in path) or "<root>"
+
+
+def broadcast_prefix(
+  name: str, value: Any, updates: Any, owner: str, is_leaf: Callable[[Any], bool] | None = None
+) -> list[Any]:
+  """One value per leaf of ``updates`` from a ``value`` tree that is a prefix of it.
+
+  Matching is by path names (dict keys, attribute names, sequence indices), not
+  by container types, so that a plain dict ``{"Dense_0": lr0, ...}`` is a prefix
+  of an ``nnx.State`` (whose leaves sit under ``.../kernel/value``) as well as
+  of a dict of Linen parameters. ``is_leaf`` flattens ``updates`` (e.g. to keep
+  ``optax.MaskedNode`` entries as leaves).
+  """
+  prefixes = [
+    (tuple(map(_key_name, path)), v) for path, v in jax.tree_util.tree_leaves_with_path(value)
+  ]
+  used = [False] * len(prefixes)
+  vals = []
+  for path, _ in jax.tree_util.tree_leaves_with_path(updates, is_leaf=is_leaf):
+    names = tuple(map(_key_name, path))
+    match = [i for i, (prefix, _) in enumerate(prefixes) if names[: len(prefix)] == prefix]
+    if not match:
+      raise ValueError(
+        f"{owner}: hyperparameter {name!r} is neither a scalar, nor a pytree with the "
+        "same structure as the parameters, nor a prefix of it (one value per module): "
+        f"parameter {_path_str(names)} has no value in it (its paths are "
+        f"{', '.join(_path_str(p) for p, _ in prefixes)}). Give one value for every top-level "
+        "module, e.g. {'Dense_0': 1e-3, 'Dense_1': 1e-2}, or a scalar."
+      )
+    # The longest matching path: leaves of a prefix tree are not nested, so this is the only one.
+    i = max(match, key=lambda j: len(prefixes[j][0]))
+    used[i] = True
+    vals.append(prefixes[i][1])
+  for (prefix, _), was_used in zip(prefixes, used):
+    if not was_used:
+      raise ValueError(
+        f"{owner}: hyperparameter {name!r} has a value at {_path_str(prefix)}, which is "
+        "not a path (or a prefix of a path) of the parameters: it must be a scalar, a "
+        "pytree with the same structure as the parameters, or a prefix of it. Check the "
+        f"module names (the parameters' top-level paths are "
+        f"{', '.join(sorted({_path_str(p[:1]) for p in _param_paths(updates)}))})."
+      )
+  return vals
+
+
+def _param_paths(updates: Any) -> list[tuple]:
+  return [tuple(map(_key_name, p)) for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
+
+
 def per_leaf(name: str, value: Any, updates: Any, owner: str) -> PerLeaf:
   """Expands a hyperparameter to one value per leaf of ``updates``.
 
   A single array (or Python number) applies to every leaf; a pytree with the
   structure of ``updates`` gives one value per leaf, each broadcastable to
-  that leaf's shape (a scalar per tensor, or one value per element). Other
-  shapes raise an error that names ``owner`` and ``name``. Integer values are
+  that leaf's shape (a scalar per tensor, or one value per element). A pytree
+  that is a *prefix* of ``updates`` (one value per module, e.g.
+  ``{"Dense_0": lr0, "Dense_1": lr1}`` for a Flax state, ``nnx.State``
+  included) is broadcast to the leaves below each of its leaves; paths are
+  matched by their names, not their container types. Other trees raise an
+  error that names ``owner``, ``name`` and the path that does not match. Integer values are
   cast to the leaf's dtype; float values keep theirs.
 
   Args:
@@ -200,6 +263,10 @@ def per_leaf(name: str, value: Any, updates: Any, owner: str) -> PerLeaf:
     >>> per_tensor = {"b": 0.1, "w": jnp.full((2, 3), 0.2)}
     >>> [jnp.shape(r) for r in mfo.transforms.per_leaf("lr", per_tensor, grads, "mine")]
     [(), (2, 3)]
+    >>> layers = {"dense": {"b": jnp.zeros(2), "w": jnp.zeros((2, 3))}, "out": {"w": jnp.zeros(3)}}
+    >>> per_module = {"dense": 0.1, "out": 0.01}  # a prefix: one value per module
+    >>> mfo.transforms.per_leaf("learning_rate", per_module, layers, "mine")
+    [0.1, 0.1, 0.01]
   """
   leaves, treedef = jax.tree.flatten(updates)
   if callable(value):
@@ -213,12 +280,7 @@ def per_leaf(name: str, value: Any, updates: Any, owner: str) -> PerLeaf:
   elif vtree == treedef:
     vals = jax.tree.leaves(value)
   else:
-    raise ValueError(
-      f"{owner}: hyperparameter {name!r} must be a scalar or a pytree with the "
-      f"same structure as the parameters.\n  parameters: {treedef}\n  "
-      f"{name}: {vtree}\nBuild per-parameter values with e.g. "
-      "jax.tree.map(lambda p: jnp.full_like(p, value), params)."
-    )
+    vals = broadcast_prefix(name, value, updates, owner)
   out = []
   for path_leaf, v in zip(jax.tree_util.tree_leaves_with_path(updates), vals):
     path, leaf = path_leaf

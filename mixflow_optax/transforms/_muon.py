@@ -20,6 +20,7 @@ from mixflow_optax.transforms._alias import adamw
 from mixflow_optax.transforms._base import (
   PerLeaf,
   ReparamTransformation,
+  broadcast_prefix,
   chain,
   leaf_results,
   per_leaf,
@@ -158,13 +159,16 @@ def scale_by_muon(
   return ReparamTransformation(stock.init, update_fn, defaults)
 
 
-def _mask_like(value: Any, updates: Any) -> Any:
+def _mask_like(value: Any, updates: Any, name: str = "hyperparameter") -> Any:
   """A per-parameter value restricted to the unmasked leaves of (masked) ``updates``."""
   if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
     return value
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   u_leaves, u_def = jax.tree.flatten(updates, is_leaf=is_masked)
-  v_leaves = u_def.flatten_up_to(value)
+  if jax.tree.structure(value) == u_def:
+    v_leaves = jax.tree.leaves(value)
+  else:  # a prefix of the parameters' tree (one value per module), or an error naming the path
+    v_leaves = broadcast_prefix(name, value, updates, "muon", is_leaf=is_masked)
   return u_def.unflatten(
     [optax.MaskedNode() if is_masked(u) else v for u, v in zip(u_leaves, v_leaves)]
   )
@@ -174,7 +178,7 @@ def _routed(t: ReparamTransformation, names: Mapping[str, str]) -> optax.Gradien
   """``t`` inside optax.partition, taking its hyperparameters from the outer dict."""
 
   def update_fn(updates, state, params=None, *, hyperparams=None, **extra_args):
-    sub = {inner: _mask_like(hyperparams[outer], updates) for inner, outer in names.items()}
+    sub = {inner: _mask_like(hyperparams[outer], updates, outer) for inner, outer in names.items()}
     return t.update(updates, state, params, hyperparams=sub, **extra_args)
 
   return optax.GradientTransformationExtraArgs(t.init, update_fn)

@@ -1,0 +1,89 @@
+"""Tests of benchmarks/real_data_lm.py (the LM real-data benchmark) that need no training run.
+
+The data splits, the vocabulary, the schedules, the grid, the verdict rule and the FLOP
+accounting; the benchmark itself is run by ``python -m benchmarks.real_data_lm``.
+"""
+
+import math
+import pathlib
+import sys
+
+import helpers
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import real_data_lm as lm  # noqa: E402
+
+
+class DataTest(helpers.TestCase):
+  def test_encode_is_the_fixed_vocabulary(self):
+    ids = lm.encode("def f(x):\n\treturn 'é'\n")
+    self.assertEqual(ids.dtype, np.int32)
+    self.assertEqual("".join(lm.VOCAB[i] for i in ids[:10]), "def f(x):\n")
+    self.assertEqual(ids[10], lm.UNK)  # a tab is outside the vocabulary
+    self.assertTrue(np.all((ids >= 0) & (ids < lm.VOCAB_SIZE)))
+
+  def test_splits_are_disjoint_files_and_change_with_the_seed(self):
+    a, b = lm.load_splits(0), lm.load_splits(1)
+    for splits in (a, b):
+      names = [set(splits.files[k]) for k in ("train", "valid", "test")]
+      self.assertEqual(sum(map(len, names)), len(set.union(*names)))
+      self.assertEqual(len(set.union(*names)), len(lm.stdlib_files()))
+      self.assertGreaterEqual(splits.valid.size, 150_000)
+      self.assertGreater(splits.train.size, 10 * splits.valid.size)
+    self.assertNotEqual(a.files["test"], b.files["test"])
+    np.testing.assert_array_equal(lm.load_splits(0).test, a.test)  # deterministic
+
+  def test_tiled_windows_cover_every_character_once(self):
+    ids = np.arange(100)
+    windows = lm.tiled_windows(ids, 11)
+    np.testing.assert_array_equal(windows[:, 1:].ravel(), np.arange(1, 1 + 10 * len(windows)))
+    self.assertEqual(len(windows), 9)
+
+
+class ScheduleTest(helpers.TestCase):
+  def test_cosine_warms_up_then_decays_to_zero(self):
+    shape = lm.schedule_shape("cosine", steps=100, warmup=10)
+    values = np.asarray(jax.vmap(shape)(jnp.arange(101)))
+    np.testing.assert_allclose(values[0], 0.1, rtol=1e-6)
+    self.assertAlmostEqual(float(values[9]), math.cos(math.pi * 0.09) * 0.5 + 0.5, places=5)
+    self.assertTrue(np.all(np.diff(values[10:]) <= 0))
+    self.assertAlmostEqual(float(values[100]), 0.0, places=6)
+    self.assertEqual(float(lm.schedule_shape("constant", 100, 10)(57)), 1.0)
+    with self.assertRaisesRegex(ValueError, "'constant' or 'cosine'"):
+      lm.schedule_shape("linear", 100, 10)
+
+  def test_grid_points_are_log_spaced_cell_centres(self):
+    points = lm.grid_points((1e-3, 1e-1), 2)
+    np.testing.assert_allclose(points, [10**-2.5, 10**-1.5])
+    np.testing.assert_allclose(lm.grid_points((1e-3, 1e-1), 1), [1e-2])
+
+
+class VerdictTest(helpers.TestCase):
+  def test_wins_needs_the_mean_and_two_of_three_seeds(self):
+    self.assertEqual(lm.verdict([1.0, 1.0, 1.0], [1.1, 1.1, 1.1]), "wins")
+    # Better mean from one seed only: not a win.
+    self.assertEqual(lm.verdict([0.5, 1.2, 1.2], [1.1, 1.1, 1.1]), "ties")
+    self.assertEqual(lm.verdict([1.2, 1.2, 1.0], [1.1, 1.1, 1.1]), "loses")
+
+
+class FlopsTest(helpers.TestCase):
+  def test_meta_step_costs_about_three_plain_steps_per_inner_step(self):
+    cfg = lm.Config(d_model=16, num_layers=1, num_heads=2, seq_len=8, batch_size=2)
+    budget = lm.Budget(steps=4, eval_every=2, meta_every=2, valid_windows=4)
+    counts = lm.flop_counts(cfg, budget)
+    ratio = counts["meta_inner_step"] / counts["train_step"]
+    # One training step and one Jacobian-vector product of it (the carried tangent).
+    self.assertBetween(ratio, 2.0, 4.5)
+    self.assertGreater(counts["meta_outer"], 0.0)
+    self.assertAlmostEqual(
+      counts["meta_step"], counts["meta_outer"] + 2 * counts["meta_inner_step"], delta=1.0
+    )
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -222,7 +222,8 @@ def _sampler(corpus: Corpus, cfg: Config):
     k_domain, k_offset = jax.random.split(key)
     domain = jax.random.categorical(k_domain, log_q, shape=shape)
     offset = jnp.floor(jax.random.uniform(k_offset, shape) * spans[domain]).astype(jnp.int32)
-    windows = flat[(starts[domain] + offset)[..., None] + jnp.arange(length)]
+    positions = jnp.expand_dims(jnp.arange(length), tuple(range(len(shape))))
+    windows = flat[(starts[domain] + offset)[..., None] + positions]
     return windows.astype(jnp.int32), domain.astype(jnp.int32)
 
   return sample, jnp.log(jnp.asarray(sizes / sizes.sum(), jnp.float32))
@@ -385,14 +386,17 @@ def num_evals(steps: int, every: int) -> int:
 
 
 def baseline_steps(flops: dict[str, float], recipe_flops: float, budget: Budget) -> int:
-  """Steps per grid point such that ``len(GRID)`` early-stopped runs cost >= the recipe."""
+  """The fewest steps per grid point such that ``len(GRID)`` early-stopped runs (their
+  evaluations included) cost at least the recipe's FLOPs."""
   per_point = recipe_flops / len(GRID)
-  # Evaluations every eval_every steps: (steps / every) * eval, rounded up below.
+
+  def cost(steps: int) -> float:
+    return steps * flops["train_step"] + num_evals(steps, budget.eval_every) * flops["eval"]
+
+  # cost(s) <= s * (train_step + eval / every) + eval: start below the answer, count up.
   per_step = flops["train_step"] + flops["eval"] / budget.eval_every
-  steps = math.ceil(per_point / per_step)
-  while steps * flops["train_step"] + num_evals(steps, budget.eval_every) * flops["eval"] < (
-    per_point
-  ):
+  steps = max(1, math.floor((per_point - flops["eval"]) / per_step))
+  while cost(steps) < per_point:
     steps += 1
   return steps
 

@@ -3,13 +3,14 @@ r"""Learned data-mixture weights for a character-level LM on CPython's standard 
 Real data, no download: every ``*.py`` file of the running interpreter's
 standard library (``sysconfig.get_paths()["stdlib"]``, without
 ``site-packages`` and the machine-generated ``_sysconfigdata*``), grouped into
-domains by top-level package. Shares of characters (CPython 3.11):
+domains by top-level package. Shares of characters (CPython 3.11, 1,789 files, 31.5 M
+characters):
 
 ==================  =======  ==============================================
 domain              share    what it is
 ==================  =======  ==============================================
-``test``            54.3 %   the regression test suite
-``top``             14.9 %   top-level modules (ordinary code)
+``test``            54.4 %   the regression test suite
+``top``             14.8 %   top-level modules (ordinary code)
 ``encodings``        4.5 %   codecs, largely decoding tables
 ``idlelib``          4.0 %   the IDLE editor and its tests
 ``unittest``         2.9 %   unittest and its tests
@@ -22,7 +23,7 @@ domain              share    what it is
 ``xml``              1.0 %   xml
 ``ctypes``           1.0 %   ctypes and its tests
 ``multiprocessing``  0.9 %   multiprocessing
-``other``            6.5 %   every other package (importlib, http, json, ...)
+``other``            4.7 %   every other package (importlib, http, json, ...)
 ==================  =======  ==============================================
 
 Validation and test are held-out *ordinary code*: disjoint files drawn by a

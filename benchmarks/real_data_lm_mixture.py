@@ -460,6 +460,10 @@ def run(seed: int, *, quick: bool = False, budget: Budget | None = None) -> dict
     budget.retrain_steps, budget.eval_every,
   )  # fmt: skip
   q = np.exp(np.asarray(log_q))
+  control = train(
+    params, k_uniform, sample, log_p, valid, cfg, RECIPE_LR, budget.retrain_steps,
+    budget.eval_every,
+  )  # fmt: skip
   return {
     "seed": seed,
     "recipe": test_loss(retrain.best_params, test, cfg),
@@ -468,6 +472,7 @@ def run(seed: int, *, quick: bool = False, budget: Budget | None = None) -> dict
     "baseline_flops": baseline_flops,
     "compute_ratio": recipe_flops / baseline_flops,
     "uniform_domains": test_loss(uniform.best_params, test, cfg),
+    "natural_same_steps": test_loss(control.best_params, test, cfg),
     "recipe_seconds": recipe_seconds,
     "baseline_seconds": baseline_seconds,
     "flops": flops,
@@ -489,6 +494,25 @@ def run(seed: int, *, quick: bool = False, budget: Budget | None = None) -> dict
   }  # fmt: skip
 
 
+def natural_control(seed: int, *, quick: bool = False) -> float:
+  """Test nats/char of the natural mixture at ``RECIPE_LR`` for the retrain's steps: the
+  recipe's retrain without the learned mixture (not at equal compute; the same keys as
+  ``run``)."""
+  cfg = Config()
+  budget = QUICK if quick else Budget()
+  corpus = load_corpus(seed)
+  sample, log_p = _sampler(corpus, cfg)
+  rng = np.random.default_rng([seed, 1])
+  valid_pool = tiled_windows(corpus.valid, cfg.seq_len + 1)
+  valid = valid_pool[rng.choice(len(valid_pool), budget.valid_windows, replace=False)]
+  k_init, *_, k_uniform = jax.random.split(jax.random.PRNGKey(seed), 5)
+  control = train(
+    init_params(k_init, cfg), k_uniform, sample, log_p, valid, cfg, RECIPE_LR,
+    budget.retrain_steps, budget.eval_every,
+  )  # fmt: skip
+  return test_loss(control.best_params, tiled_windows(corpus.test, cfg.seq_len + 1), cfg)
+
+
 def table(results: list[dict[str, Any]]) -> str:
   """Markdown: per-seed test nats/char of the recipe, the baseline and the uniform mixture."""
   seeds = [r["seed"] for r in results]
@@ -497,9 +521,12 @@ def table(results: list[dict[str, Any]]) -> str:
   rows = {
     "recipe (learned mixture, retrain)": ("recipe", "recipe_flops"),
     f"baseline (natural mixture, {len(GRID)}-point LR grid)": ("baseline", "baseline_flops"),
-    "uniform over domains (not equal compute)": ("uniform_domains", None),
+    "uniform over domains, recipe's rate and retrain steps": ("uniform_domains", None),
+    "natural mixture, recipe's rate and retrain steps": ("natural_same_steps", None),
   }
   for name, (key, flop_key) in rows.items():
+    if not all(key in r for r in results):
+      continue
     vals = [r[key] for r in results]
     gflops = f"{np.mean([r[flop_key] for r in results]) / 1e9:.0f}" if flop_key else ""
     cells = " | ".join(f"{v:.4f}" for v in vals)
@@ -511,6 +538,12 @@ def table(results: list[dict[str, Any]]) -> str:
     f"Test nats/char on held-out ordinary code (lower is better); compute ratio "
     f"recipe/baseline {ratio:.2f}. Recipe vs baseline: **{verdict(recipe, baseline)}**.",
   ]
+  if all("natural_same_steps" in r for r in results):
+    same = [r["natural_same_steps"] for r in results]
+    lines.append(
+      f"The learned mixture vs the natural mixture at the recipe's rate and retrain steps "
+      f"(the mixture's own effect): **{verdict(recipe, same)}**."
+    )
   return "\n".join(lines)
 
 
@@ -520,10 +553,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--quick", action="store_true", help="the small smoke-run budget")
   parser.add_argument("--table-only", action="store_true", help="combine existing seed files")
+  parser.add_argument(
+    "--add-control", action="store_true", help="add natural_same_steps to existing seed files"
+  )
   parser.add_argument("--out", default="docs/bench/real_data", help="output folder")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  if args.add_control:
+    for seed in args.seeds:
+      path = out / f"lm_mixture_seed{seed}.json"
+      r = json.loads(path.read_text())
+      r["natural_same_steps"] = natural_control(seed, quick=args.quick)
+      path.write_text(json.dumps(r, indent=1) + "\n")
+      print(f"seed {seed}: natural mixture, same steps {r['natural_same_steps']:.4f}", flush=True)
+    return {}
   for seed in [] if args.table_only else args.seeds:
     r = run(seed, quick=args.quick)
     (out / f"lm_mixture_seed{seed}.json").write_text(json.dumps(r, indent=1) + "\n")

@@ -55,8 +55,9 @@ The baseline: the natural mixture, Adam with the half-decade learning-rate grid
 ``GRID``, every point early-stopped on the same validation windows, with at
 least the recipe's total FLOPs (XLA cost analysis of each jitted function,
 loops unrolled for the analysis, times its calls; evaluations included): the
-steps per grid point are rounded up. Also reported, not at equal compute: the
-"uniform over domains" mixture at ``RECIPE_LR`` with the retrain's steps.
+steps per grid point are rounded up. Also reported, as controls not at equal
+compute: the "uniform over domains" and the natural mixture at ``RECIPE_LR`` with
+the retrain's steps (the second isolates the learned mixture's own effect).
 Run ``python -m benchmarks.real_data_lm_mixture`` (3 seeds; ``--quick`` for a
 smoke run).
 """

@@ -92,7 +92,8 @@ def init_mlp(key: jax.Array, features: int = 64, classes: int = 10) -> dict[str,
 
 
 def predict(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-  return jax.nn.relu(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+  hidden = jax.nn.relu(x @ params["w1"] + params["b1"][None, :])
+  return hidden @ params["w2"] + params["b2"][None, :]
 
 
 def cross_entropy(params, x, y) -> jax.Array:

@@ -78,3 +78,10 @@ class NoisyLabelsTest(helpers.TestCase):
       real_data_noisy.weighted_loss(params, jnp.ones(real_data_noisy.N_TRAIN), half),
       rtol=1e-6,
     )
+
+
+class MixtureRowTest(helpers.TestCase):
+  def test_compared_with_the_stronger_baseline(self):
+    result = {"seed": 0, "recipe": 2.4, "baseline": 2.5, "natural_same_steps": 2.3}
+    result.update(recipe_flops=1.0, baseline_flops=1.0)
+    self.assertEqual(real_data.TASKS["lm_mixture"].row(result)["baseline"], 2.3)

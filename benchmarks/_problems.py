@@ -440,7 +440,8 @@ class LMConfig:
       ``"xla"`` (``jax.nn.dot_product_attention(implementation="xla")``).
     block_remat: ``jax.checkpoint`` around each transformer block (1) or not
       (0), as real LLM code does.
-    attn_block: keys per block of the ``"mfo"`` attention.
+    attn_block: keys per block of the ``"mfo"`` attention; 0: the
+      attention's default for the backend (128 on a CPU, 256 elsewhere).
     loss_chunk: tokens per chunk of the chunked LM head + cross-entropy;
       0: the whole ``(B, S, vocab)`` logits at once.
   """
@@ -521,7 +522,9 @@ def _attention(x: jax.Array, layer: dict[str, jax.Array], cfg: LMConfig) -> jax.
   if cfg.attention == "xla":
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
   else:
-    out = _mfo_nn().dot_product_attention(q, k, v, is_causal=True, block_size=cfg.attn_block)
+    out = _mfo_nn().dot_product_attention(
+      q, k, v, is_causal=True, block_size=cfg.attn_block or None
+    )
   return out.reshape(b, s, d) @ layer["wo"]
 
 

@@ -13,7 +13,10 @@ medians over the rounds and ratios to the PyTorch peer
 JAX configurations (``CONFIGS``):
 
 - ``mixflow``: :func:`mixflow_optax.unroll`, the long-context recipe
-  (``mfo.nn.dot_product_attention``, per-block ``jax.checkpoint``).
+  (``mfo.nn.dot_product_attention`` with its backend's block size, per-block
+  ``jax.checkpoint``).
+- ``mixflow_b256``: the recipe with 256-key attention blocks (the block size
+  before the CPU default became 128).
 - ``mixflow_xla``: the same meta-gradient, plain ``jax.nn`` attention (XLA),
   no per-block remat.
 - ``standard_xla``: the standard implementation as a user writes it (stock
@@ -49,10 +52,11 @@ import numpy as np
 
 #: Worker configurations of the JAX side: (method, model sizes).
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-  "mixflow": ("mixflow", {}),
+  "mixflow": ("mixflow", {"attn_block": 0}),
+  "mixflow_b256": ("mixflow", {"attn_block": 256}),
   "mixflow_xla": ("mixflow", {"attention": "xla", "block_remat": 0}),
   "standard_xla": ("standard", {"attention": "xla", "block_remat": 0}),
-  "train": ("train", {}),
+  "train": ("train", {"attn_block": 0}),
   "train_xla": ("train", {"attention": "xla", "block_remat": 0}),
 }
 
@@ -210,9 +214,12 @@ def _jax_argv(config: str, seq: int, cache_dir: str | None) -> list[str]:
   return argv + (["--cache-dir", cache_dir] if cache_dir else [])
 
 
-def _torch_worker(python: str, path: str, what: str) -> _Worker:
+def _torch_worker(python: str, path: str, what: str, threads: int) -> _Worker:
   here = os.path.dirname(os.path.abspath(__file__))
-  w = _Worker([python, os.path.join(here, "torchopt_peer.py")])
+  # OpenMP threads that spin while they wait collapse on a shared machine:
+  # they wait passively here, as a job on a busy machine should.
+  env = {**os.environ, "PEER_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+  w = _Worker([python, os.path.join(here, "torchopt_peer.py")], env=env)
   w.what = what
   w.info = w.ask({"cmd": "load", "path": path, "dtype": "float32"})
   return w
@@ -224,6 +231,7 @@ def measure(
   reps: int,
   torch_python: str | None,
   cache_dir: str | None,
+  torch_threads: int = 2,
   log=print,
 ) -> list[dict[str, Any]]:
   """One sequence length: every configuration's compile, memory and median time, interleaved."""
@@ -238,11 +246,12 @@ def measure(
       path = os.path.join(tmp, "problem.npz")
       export_problem(make_lm_problem(seq), path)
       for c, what in (("torchopt", "meta"), ("torch_train", "train")):
-        workers[c] = _torch_worker(torch_python, path, what)
+        workers[c] = _torch_worker(torch_python, path, what, torch_threads)
         first = workers[c].ask({"cmd": "run", "what": what})
         rows[c] = {"system": "torch", "config": c, "seq": seq, "compile_s": 0.0, **first}
         rows[c]["peak_rss_mib"] = first["peak_rss_mib"]
         rows[c]["versions"] = workers[c].info
+        rows[c]["threads"] = torch_threads
         log(rows[c])
     times: dict[str, list[float]] = {c: [] for c in workers}
     for r in range(reps):
@@ -308,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
   ap.add_argument("--torch-python", default=None, help="the peer's interpreter (its own venv)")
+  ap.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads")
   ap.add_argument("--cache-dir", default=None, help="persistent compilation cache directory")
   ap.add_argument("--out", default=None, help="write the rows as JSON here")
   ap.add_argument("--check", action="store_true", help="float64 agreement with the peer")
@@ -321,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
   log = lambda x: print(x, file=sys.stderr, flush=True)
   rows = []
   for seq in args.seq:
-    rows += measure(seq, args.configs, args.reps, args.torch_python, args.cache_dir, log)
+    rows += measure(
+      seq, args.configs, args.reps, args.torch_python, args.cache_dir, args.torch_threads, log
+    )
   text = json.dumps(rows, indent=1)
   if args.out:
     with open(args.out, "w") as f:

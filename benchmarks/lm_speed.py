@@ -311,6 +311,28 @@ def check_agreement(torch_python: str, seq: int = 32) -> dict[str, float]:
   return out
 
 
+def format_table(rows: list[dict[str, Any]]) -> str:
+  """The rows as the markdown table of docs/benchmarks.md."""
+
+  def num(x, fmt):
+    return "" if x is None else format(x, fmt)
+
+  lines = [
+    "| S | configuration | median s | / TorchOpt | / own train step | compile s | cached compile s "
+    "| RSS growth MiB | XLA temp MiB |",
+    "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['seq']} | {r['config']} | {num(r['median_s'], '.2f')} | "
+      f"{num(r.get('time_vs_torchopt'), '.2f')} | {num(r.get('time_vs_train_step'), '.1f')} | "
+      f"{num(r.get('compile_s') if r['system'] == 'jax' else None, '.0f')} | "
+      f"{num(r.get('cached_compile_s'), '.0f')} | {num(r.get('peak_rss_mib'), ',.0f')} | "
+      f"{num(r.get('temp_mib'), ',.0f')} |"
+    )
+  return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--seq", type=int, nargs="+", default=[256, 1024])
@@ -320,11 +342,15 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--torch-threads", type=int, default=2, help="torch.set_num_threads")
   ap.add_argument("--cache-dir", default=None, help="persistent compilation cache directory")
   ap.add_argument("--out", default=None, help="write the rows as JSON here")
+  ap.add_argument("--table", nargs="+", default=None, help="print result files as markdown")
   ap.add_argument("--check", action="store_true", help="float64 agreement with the peer")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
     return _jax_worker(args.worker, args.seq[0], args.cache_dir)
+  if args.table:
+    print(format_table([r for path in args.table for r in json.load(open(path))]))
+    return None
   if args.check:
     print(json.dumps(check_agreement(args.torch_python or "python")))
     return None

@@ -443,7 +443,8 @@ class LMConfig:
       of the model, i.e. forward-mode meta-gradients, works too).
     block_remat: ``jax.checkpoint`` around each transformer block (1) or not
       (0), as real LLM code does.
-    attn_block: keys per block of the ``"mfo"`` attention.
+    attn_block: keys per block of the ``"mfo"`` attention; 0: the
+      attention's default for the backend (128 on a CPU, 256 elsewhere).
     loss_chunk: tokens per chunk of the chunked LM head + cross-entropy;
       0: the whole ``(B, S, vocab)`` logits at once.
   """
@@ -526,7 +527,12 @@ def _attention(x: jax.Array, layer: dict[str, jax.Array], cfg: LMConfig) -> jax.
   else:
     differentiation = "checkpoint" if cfg.attention == "mfo_checkpoint" else "flash"
     out = _mfo_nn().dot_product_attention(
-      q, k, v, is_causal=True, block_size=cfg.attn_block, differentiation=differentiation
+      q,
+      k,
+      v,
+      is_causal=True,
+      block_size=cfg.attn_block or None,
+      differentiation=differentiation,
     )
   return out.reshape(b, s, d) @ layer["wo"]
 

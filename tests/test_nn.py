@@ -162,6 +162,24 @@ class AttentionTest(helpers.F64TestCase):
     self.assertEqual(got.dtype, jnp.float32)
     chex.assert_trees_all_close(got, want, atol=1e-5)
 
+  def test_default_block_size_is_per_backend(self):
+    from mixflow_optax.nn._attention import _default_block_size
+
+    self.assertEqual(_default_block_size("cpu"), 128)
+    self.assertEqual(_default_block_size("gpu"), 256)
+    self.assertEqual(_default_block_size("tpu"), 256)
+    # block_size=None is the backend's size: the same blocks, hence the same program.
+    q = jnp.ones((1, 300, 2, 8), jnp.float32)
+    attend = lambda **kw: jax.jit(
+      lambda q: mfo.nn.dot_product_attention(q, q, q, is_causal=True, **kw)
+    )
+    default_hlo = attend().lower(q).as_text()
+    explicit_hlo = attend(block_size=_default_block_size()).lower(q).as_text()
+    self.assertEqual(
+      default_hlo.replace("jit__lambda", ""), explicit_hlo.replace("jit__lambda", "")
+    )
+    self.assertNotEqual(explicit_hlo, attend(block_size=64).lower(q).as_text())
+
   def test_block_size_does_not_change_the_result(self):
     floats, other = _case(t=20, s=23, is_causal=True, bias=(2, 2, 20, 23))
     outs = [

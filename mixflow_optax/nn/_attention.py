@@ -47,6 +47,27 @@ class _Config(NamedTuple):
   mask_full_kv: bool
 
 
+#: Keys per block by backend when ``block_size`` is not given. On a CPU, 128 was
+#: measured 10-15% faster than 256 for the gradient and the forward-over-reverse
+#: HVP of causal attention (batch 4, 4 heads of 32, 256 and 1024 tokens), and
+#: 512 slower still: a block's scores then stay in cache.
+_DEFAULT_BLOCK = {"cpu": 128}
+_DEFAULT_BLOCK_OTHER = 256
+
+
+def _default_block_size(backend: str | None = None) -> int:
+  """Keys per block of :func:`dot_product_attention` when ``block_size`` is None.
+
+  Args:
+    backend: a JAX backend name (``"cpu"``, ``"gpu"``, ``"tpu"``); default
+      ``jax.default_backend()``.
+
+  Returns:
+    128 on a CPU, 256 on other backends.
+  """
+  return _DEFAULT_BLOCK.get(backend or jax.default_backend(), _DEFAULT_BLOCK_OTHER)
+
+
 def _large_negative(dtype: Any) -> jax.Array:
   # The value jax.nn.dot_product_attention writes into masked logits: finite, so
   # that a fully masked row is a uniform average (as there), capped at the
@@ -339,7 +360,7 @@ def dot_product_attention(
   query_seq_lengths: jax.typing.ArrayLike | None = None,
   key_value_seq_lengths: jax.typing.ArrayLike | None = None,
   local_window_size: int | tuple[int, int] | None = None,
-  block_size: int = 256,
+  block_size: int | None = None,
   differentiation: Differentiation = "flash",
 ) -> jax.Array:
   r"""Scaled dot-product attention in key blocks; differentiable in every order.
@@ -377,6 +398,8 @@ def dot_product_attention(
       attends to keys ``i - left ... i + right``.
     block_size: keys per block (any sequence length works; the last block is
       padded). Memory grows with it, time shrinks with it up to a point.
+      Default ``None``: the default backend's size (128
+      on a CPU, 256 elsewhere).
     differentiation: ``"flash"`` (default): a :class:`jax.custom_vjp` whose rules
       are plain JAX: the forward saves only the output and the softmax row
       statistics (maximum and sum),
@@ -419,6 +442,8 @@ def dot_product_attention(
   _check_inputs(query, key, value, bias, mask, q_len, kv_len)
   if differentiation not in ("flash", "checkpoint"):
     raise ValueError(f'differentiation must be "flash" or "checkpoint", got {differentiation!r}.')
+  if block_size is None:
+    block_size = _default_block_size()
   block_size, is_causal, window = _check_options(block_size, is_causal, local_window_size)
   b, t, n, h = query.shape
   s, k = key.shape[1], key.shape[2]

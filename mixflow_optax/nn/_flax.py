@@ -28,7 +28,7 @@ def flax_attention(
   module: Any = None,
   is_causal: bool = False,
   *,
-  block_size: int = 256,
+  block_size: int | None = None,
   differentiation: Differentiation = "flash",
 ) -> jax.Array:
   """:func:`dot_product_attention` with the signature of Flax's ``dot_product_attention``.
@@ -56,7 +56,7 @@ def flax_attention(
     precision: unused: the blocks use the default matmul precision.
     module: must be None (sowing attention weights is not supported).
     is_causal: causal masking (``flax.nnx`` passes it).
-    block_size: keys per block, see :func:`dot_product_attention`.
+    block_size: keys per block, see :func:`dot_product_attention` (None: 128 on a CPU, 256 elsewhere).
     differentiation: see :func:`dot_product_attention`.
 
   Returns:

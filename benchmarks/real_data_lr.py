@@ -90,8 +90,8 @@ def init_mlp(key: jax.Array, depth: int = DEPTH) -> dict[str, dict[str, jax.Arra
 def mlp(params: Any, x: jax.Array) -> jax.Array:
   n = len(params)
   for i in range(n - 1):
-    x = jax.nn.relu(x @ params[f"l{i}"]["w"] + params[f"l{i}"]["b"])
-  return x @ params[f"l{n - 1}"]["w"] + params[f"l{n - 1}"]["b"]
+    x = jax.nn.relu(x @ params[f"l{i}"]["w"] + params[f"l{i}"]["b"][None, :])
+  return x @ params[f"l{n - 1}"]["w"] + params[f"l{n - 1}"]["b"][None, :]
 
 
 def nll(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -215,8 +215,14 @@ def flop_costs(
     mo, meta0 = _meta_optimizer(steps, depth, population, unroll_steps=True), _meta0(1e-3, depth)
     ps = jax.tree.map(lambda a: jnp.broadcast_to(a, (population,) + a.shape), params)
     state = mo.init(meta0, ps)
-    inner = (jnp.broadcast_to(xb, (population, t) + xb.shape), jnp.broadcast_to(yb, (population, t) + yb.shape))
-    outer = (jnp.broadcast_to(xva, (population,) + xva.shape), jnp.broadcast_to(yva, (population,) + yva.shape))
+    inner = (
+      jnp.broadcast_to(xb, (population, t) + xb.shape),
+      jnp.broadcast_to(yb, (population, t) + yb.shape),
+    )
+    outer = (
+      jnp.broadcast_to(xva, (population,) + xva.shape),
+      jnp.broadcast_to(yva, (population,) + yva.shape),
+    )
     meta[t] = _flops(mo.step, state, inner, outer)
   per_step = meta[2] - meta[1]
   return {
@@ -248,6 +254,14 @@ def _meta_optimizer(steps, depth, population, unroll_steps: int | bool = 1):
     reset_every=1,
     unroll_steps=unroll_steps,
   )
+
+
+def baseline_runs(recipe_flops: float, run_flops: float) -> int:
+  """Plain runs the baseline gets: the recipe's FLOPs rounded UP to an even number of runs."""
+  if recipe_flops <= 0 or run_flops <= 0:
+    raise ValueError(f"FLOPs must be positive, got {recipe_flops=} and {run_flops=}")
+  n = int(math.ceil(recipe_flops / run_flops))
+  return n + n % 2
 
 
 def run(seed: int, *, quick: bool = False) -> dict[str, Any]:
@@ -298,8 +312,7 @@ def run(seed: int, *, quick: bool = False) -> dict[str, Any]:
 
   # Baseline: as many plain runs as fit (rounded up), grid const + cosine.
   t0 = time.perf_counter()
-  n_runs = int(math.ceil(recipe_flops / run_flops))
-  n_runs += n_runs % 2
+  n_runs = baseline_runs(recipe_flops, run_flops)
   rates = np.exp(np.linspace(np.log(GRID_RANGE[0]), np.log(GRID_RANGE[1]), n_runs // 2))
   grid = []
   for kind in ("constant", "cosine"):

@@ -31,8 +31,9 @@ evaluation, and the meta-step compiled with its inner loop fully unrolled (``unr
 at T=1 and T=2; the meta-step's cost at horizon T is ``F(1) + (T - 1) * (F(2) - F(1))`` (XLA
 counts a loop body once, so looped programs cannot be used).
 
-Run: ``python -m benchmarks.real_data_lr [--quick]``; writes
-docs/bench/real_data/lr_schedule.json and lr_schedule.md.
+Run: ``python -m benchmarks.real_data_lr [--quick] [--seeds 0 1 2]``; writes
+docs/bench/real_data/lr_schedule.json and lr_schedule.md (seeds may run as separate processes
+with ``--out DIR`` and be combined with ``--from-json DIR0/lr_schedule.json ...``).
 """
 
 from __future__ import annotations
@@ -409,9 +410,19 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
   parser.add_argument("--out", default=OUT_DIR)
+  parser.add_argument(
+    "--from-json",
+    nargs="*",
+    default=None,
+    help="combine the results of earlier runs (their lr_schedule.json) instead of running",
+  )
   args = parser.parse_args(argv)
   results = []
-  for seed in args.seeds:
+  for path in args.from_json or []:
+    with open(path) as f:
+      results += json.load(f)["results"]
+  results.sort(key=lambda x: x["seed"])
+  for seed in [] if args.from_json else args.seeds:
     results.append(run(seed, quick=args.quick))
     x = results[-1]
     print(

@@ -89,7 +89,14 @@ nitpick_ignore = [
 html_theme = "furo"
 html_title = "mixflow_optax"
 
-exclude_patterns = ["_build", "bench", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+exclude_patterns = [
+  "_build",
+  "bench",
+  "*_section.md",
+  "Thumbs.db",
+  ".DS_Store",
+  "**.ipynb_checkpoints",
+]
 suppress_warnings = ["myst.header"]
 
 

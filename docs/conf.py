@@ -92,7 +92,6 @@ html_title = "mixflow_optax"
 exclude_patterns = [
   "_build",
   "bench",
-  "*_section.md",
   "Thumbs.db",
   ".DS_Store",
   "**.ipynb_checkpoints",

@@ -44,8 +44,9 @@ Add one ``Optimizer(...)`` to ``_HAND_WRITTEN`` (a transform of mixflow_optax.tr
 - ``stop_gradient_denominator``: the factory takes that keyword (the Adam family).
 - ``static_args``: arguments that ``optax.inject_hyperparams`` / ``reparameterize`` must leave
   static (dtypes, shapes, PRNG keys).
-- ``stock_promotes_dtype``: stock optax changes some state dtype (Adafactor's float32
-  momentum), so the conformance test compares dtypes with stock optax only.
+- ``stock_promotes_dtype``: stock optax returns some update or state in another dtype than the
+  parameters' (Adafactor's float32 momentum; Muon's float64 updates under x64 and float32
+  Newton-Schulz coefficients), so the conformance test compares dtypes with stock optax only.
 - ``exact_rtol``: relative tolerance of the float64 exactness tests (1e-10 unless the stock
   arithmetic itself has lower precision; say why).
 
@@ -428,6 +429,8 @@ _HAND_WRITTEN = (
       "weight_decay_rate": 0.01,
     },
     {"decay_rate": 0.7, "momentum": 0.8, "weight_decay_rate": 0.1},
+    # Weight decay is added after the rate (as in optax): the rate is not the last factor.
+    per_element_rates=False,
     static_args=("dtype_momentum", "min_dim_size_to_factor"),
     stock_promotes_dtype=True,
   ),
@@ -450,6 +453,7 @@ _HAND_WRITTEN = (
     {"learning_rate": 0.02, "beta": 0.8, "eps": 1e-4, "weight_decay": 0.1, "adam_b1": 0.8},
     meta_kinds=ALL_KINDS,
     meta_hyperparams=("beta", "adam_b1"),
+    stock_promotes_dtype=True,
   ),
   Optimizer(
     "muon_weight_decay_adam_rate",
@@ -457,8 +461,12 @@ _HAND_WRITTEN = (
     optax.contrib.muon,
     {"learning_rate": 0.05, "weight_decay": 0.1, "adam_learning_rate": 0.02, "nesterov": False},
     {"adam_learning_rate": 0.05, "adam_b2": 0.9},
-    meta_kinds=ALL_KINDS,
+    # The vectors' rate is adam_learning_rate: learning_rate is not the last factor of every
+    # update.
+    meta_kinds=("learning_rate", "hyperparams", "loss_weights", "maml"),
+    per_element_rates=False,
     meta_hyperparams=("weight_decay", "adam_learning_rate"),
+    stock_promotes_dtype=True,
   ),
 )
 
@@ -467,9 +475,24 @@ _HAND_WRITTEN = (
 # ---------------------------------------------------------------------------
 
 
-def _wrapped(name, factory, kwargs, *, static_args=(), leafwise=True, meta_kinds=None, **fields):
-  """A ``reparameterize`` entry: ``reparameterize(factory)`` against ``factory`` itself."""
-  per_param = ("per_param_rates",) if leafwise else ()
+def _wrapped(
+  name,
+  factory,
+  kwargs,
+  *,
+  static_args=(),
+  leafwise=True,
+  per_element=True,
+  meta_kinds=None,
+  **fields,
+):
+  """A ``reparameterize`` entry: ``reparameterize(factory)`` against ``factory`` itself.
+
+  ``per_element=False``: leafwise, but with per-tensor statistics (norms, factored moments), so
+  per-parameter values are one scalar per tensor and per-element rates are refused.
+  """
+  per_element = leafwise and per_element
+  per_param = ("per_param_rates",) if per_element else ()
   if meta_kinds is None:
     meta_kinds = ("learning_rate", *per_param, "loss_weights", "maml")
   return Optimizer(
@@ -480,7 +503,7 @@ def _wrapped(name, factory, kwargs, *, static_args=(), leafwise=True, meta_kinds
     {},
     group=REPARAMETERIZE,
     meta_kinds=meta_kinds,
-    per_element_rates=leafwise,
+    per_element_rates=per_element,
     leafwise=leafwise,
     static_args=static_args,
     **fields,
@@ -498,6 +521,7 @@ _REPARAMETERIZED = (
     optax.adafactor,
     {"learning_rate": 0.05},
     static_args=("min_dim_size_to_factor",),
+    per_element=False,
   ),
   _wrapped("adagrad", optax.adagrad, {"learning_rate": 0.1}),
   _wrapped("adam", optax.adam, {"learning_rate": 0.05}),
@@ -506,9 +530,9 @@ _REPARAMETERIZED = (
   _wrapped("adamw", optax.adamw, {"learning_rate": 0.05}),
   _wrapped("adan", optax.adan, {"learning_rate": 0.05}),
   _wrapped("amsgrad", optax.amsgrad, {"learning_rate": 0.05}),
-  _wrapped("fromage", optax.fromage, {"learning_rate": 0.05}),
-  _wrapped("lamb", optax.lamb, {"learning_rate": 0.05}),
-  _wrapped("lars", optax.lars, {"learning_rate": 0.5}),
+  _wrapped("fromage", optax.fromage, {"learning_rate": 0.05}, per_element=False),
+  _wrapped("lamb", optax.lamb, {"learning_rate": 0.05}, per_element=False),
+  _wrapped("lars", optax.lars, {"learning_rate": 0.5}, per_element=False),
   _wrapped("lion", optax.lion, {"learning_rate": 0.01}, sign_step=True),
   _wrapped("nadam", optax.nadam, {"learning_rate": 0.05}),
   _wrapped("nadamw", optax.nadamw, {"learning_rate": 0.05}),
@@ -519,7 +543,7 @@ _REPARAMETERIZED = (
     static_args=("key",),
     leafwise=False,
   ),
-  _wrapped("novograd", optax.novograd, {"learning_rate": 0.05}),
+  _wrapped("novograd", optax.novograd, {"learning_rate": 0.05}, per_element=False),
   _wrapped("optimistic_adam_v2", optax.optimistic_adam_v2, {"learning_rate": 0.05}),
   _wrapped(
     "optimistic_gradient_descent", optax.optimistic_gradient_descent, {"learning_rate": 0.05}
@@ -680,8 +704,11 @@ assert tuple(META_KINDS) == ALL_KINDS
 # The exactness design: every optimizer with every mode and every kind it supports.
 # ---------------------------------------------------------------------------
 
-MODES = ("mixflow", "standard", "first_order", "forward")
-"""How the meta-gradient is computed: ``mfo.unroll`` modes, and ``meta_optimizer``'s forward mode."""
+UNROLL_MODES = ("mixflow", "standard", "first_order")
+"""The modes of ``mfo.unroll`` (reverse mode; ``remat`` applies)."""
+
+MODES = (*UNROLL_MODES, "forward")
+"""How the meta-gradient is computed: ``mfo.unroll``'s modes and ``meta_optimizer``'s forward mode."""
 
 T_VALUES = (1, 3, 8)
 """Inner steps of the exactness cases (rotated through the design)."""
@@ -698,9 +725,7 @@ class ExactnessCase(NamedTuple):
 
   @property
   def name(self) -> str:
-    remat = (
-      ("_remat" if self.remat else "_no_remat") if self.mode in ("mixflow", "standard") else ""
-    )
+    remat = ("_remat" if self.remat else "_no_remat") if self.mode in UNROLL_MODES else ""
     return f"{self.optimizer}_{self.kind}_T{self.T}_{self.mode}{remat}"
 
 

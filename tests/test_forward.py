@@ -55,7 +55,7 @@ CASES = (
   ("optax_clip_adam", "learning_rate"),
   ("adam", "hyperparams"),
   ("adamw", "hyperparams"),
-  ("rmsprop_momentum", "hyperparams"),
+  ("rmsprop", "hyperparams"),
   ("mfo_clip_adam", "hyperparams"),
   ("adam", "loss_weights"),
   ("sgd", "per_param_rates"),

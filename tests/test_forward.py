@@ -91,12 +91,13 @@ class ForwardEqualsReverseTest(helpers.F64TestCase):
     loss = helpers.inner_loss(kind.weighted_loss)
     states = {}
     for mode in ("standard", "forward"):
-      # Outer SGD: Adam would scale round-off in a near-zero meta-gradient up to a full step.
+      # Outer SGD: Adam would scale round-off in a near-zero meta-gradient up to a full step. A
+      # small step keeps raw betas and decays below 1.
       mo = mfo.meta_optimizer(
         loss,
         lambda p, m, b: helpers.outer_loss(p, b),
         entry.make(),
-        optax.sgd(0.05),
+        optax.sgd(1e-3),
         hyperparams_fn=kind.hyperparams_fn(entry),
         mode=mode,
       )

@@ -644,8 +644,13 @@ class MetaKind(NamedTuple):
   learned_init: bool = False
 
 
+def _float(x):
+  """A strongly typed float array (a weak type would retrace a jitted step once updated)."""
+  return jnp.asarray(x, jnp.result_type(float))
+
+
 def _default(opt, name):
-  return jnp.asarray(opt.make().hyperparams[name])
+  return _float(opt.make().hyperparams[name])
 
 
 def _per_param_log_rates(params):
@@ -654,15 +659,15 @@ def _per_param_log_rates(params):
   lr = helpers.LR
   return {
     "w1": jnp.log(lr) + 0.1 * jnp.arange(12.0).reshape(3, 4) / 12,
-    "b1": jnp.log(jnp.asarray(lr)),
-    "w2": jnp.log(jnp.asarray(2 * lr)),
+    "b1": jnp.log(_float(lr)),
+    "w2": jnp.log(_float(2 * lr)),
   }
 
 
 _KINDS = (
   MetaKind(
     "learning_rate",
-    init=lambda opt, params: {"log_lr": jnp.log(jnp.asarray(helpers.LR))},
+    init=lambda opt, params: {"log_lr": jnp.log(_float(helpers.LR))},
     hyperparams_fn=lambda opt: lambda meta: {opt.rate: jnp.exp(meta["log_lr"])},
     stock=lambda opt, meta: (opt.stock(**{opt.rate: jnp.exp(meta["log_lr"])}), None),
     supports=lambda opt: True,
@@ -681,7 +686,7 @@ _KINDS = (
   MetaKind(
     "hyperparams",
     init=lambda opt, params: {
-      "log_lr": jnp.log(jnp.asarray(helpers.LR)),
+      "log_lr": jnp.log(_float(helpers.LR)),
       "hp": {k: _default(opt, k) for k in opt.meta_hyperparams},
     },
     hyperparams_fn=lambda opt: lambda meta: {opt.rate: jnp.exp(meta["log_lr"]), **meta["hp"]},

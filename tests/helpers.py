@@ -106,6 +106,15 @@ def named_product(**axes):
   )
 
 
+def named_grid(**axes):
+  """Like ``parameterized.product`` over axes given as ``{id part: value}`` dicts, readable ids."""
+  keys = list(axes)
+  return tuple(
+    {"testcase_name": "_".join(parts), **{k: axes[k][p] for k, p in zip(keys, parts)}}
+    for parts in itertools.product(*axes.values())
+  )
+
+
 def central_fd(f, x, h):
   """Central finite difference ``(f(x + h) - f(x - h)) / 2h`` of a scalar function."""
   return (f(x + h) - f(x - h)) / (2 * h)
@@ -228,9 +237,6 @@ def weighted_sum(tree_list):
 LR = 0.05
 """Inner learning rate of the exactness problem (and the initial value of a learned one)."""
 
-META_KINDS = ("learning_rate", "per_param_rates", "loss_weights", "maml")
-"""What the meta-parameters are: see ``meta_params``."""
-
 
 def _exactness_mlp(params, x):
   h = jnp.tanh(x @ params["w1"] + params["b1"][None, :])
@@ -256,41 +262,16 @@ def exactness_problem(T, seed=0):
   return params, (xs, ys), outer
 
 
-def meta_params(kind, params):
-  """Initial meta-parameters of each ``META_KINDS`` kind (for maml: none besides ``params``)."""
-  if kind == "learning_rate":
-    return {"log_lr": jnp.log(jnp.asarray(LR))}
-  if kind == "per_param_rates":
-    # Per-element rates for w1, per-tensor for the rest.
-    return {
-      "log_lr": {
-        "w1": jnp.log(LR) + 0.1 * jnp.arange(12.0).reshape(3, 4) / 12,
-        "b1": jnp.log(jnp.asarray(LR)),
-        "w2": jnp.log(jnp.asarray(2 * LR)),
-      }
-    }
-  if kind == "loss_weights":
-    return {"logits": jnp.linspace(-1.0, 1.0, 5)}
-  return {}  # maml: the meta-parameters are the initial params
-
-
-def inner_loss(kind):
-  """Inner loss ``(params, meta, batch)`` of a kind: weighted per example for ``loss_weights``."""
+def inner_loss(weighted=False):
+  """Inner loss ``(params, meta, batch)``; ``weighted``: each example by ``sigmoid(meta["logits"])``."""
 
   def inner_loss(params, meta, batch):
     per_ex = _per_example(params, batch)
-    if kind == "loss_weights":
+    if weighted:
       return jnp.mean(jax.nn.sigmoid(meta["logits"]) * per_ex)
     return jnp.mean(per_ex)
 
   return inner_loss
-
-
-def hyperparams_fn(kind):
-  """``hyperparams_fn`` of a kind: ``exp(log_lr)`` as learning rate(s), else ``None``."""
-  if kind in ("learning_rate", "per_param_rates"):
-    return lambda meta: {"learning_rate": jax.tree.map(jnp.exp, meta["log_lr"])}
-  return None
 
 
 def outer_loss(params, outer):
@@ -298,15 +279,15 @@ def outer_loss(params, outer):
   return jnp.mean(_per_example(params, outer))
 
 
-def unroll_meta_loss(opt, kind, mode, *, remat=True):
+def unroll_meta_loss(opt, loss, hyperparams_fn, mode, *, remat=True):
   """Meta-loss of the exactness problem through ``mfo.unroll`` with the mfo optimizer ``opt``.
 
   ``remat`` sets both ``remat`` and ``save_inner_grads``.
   """
   run = mfo.unroll(
-    inner_loss(kind),
+    loss,
     opt,
-    hyperparams_fn=hyperparams_fn(kind),
+    hyperparams_fn=hyperparams_fn,
     mode=mode,
     remat=remat,
     save_inner_grads=remat,
@@ -319,27 +300,51 @@ def unroll_meta_loss(opt, kind, mode, *, remat=True):
   return meta_loss
 
 
-def bptt_meta_loss(stock, kind):
-  """Plain BPTT reference: ``jax.grad`` inside a ``lax.scan`` of steps of ``stock(lr)``.
+def recording_opt():
+  """An outer optimizer that makes no update and keeps the last meta-gradient in its state."""
+  return optax.GradientTransformation(
+    lambda p: jax.tree.map(jnp.zeros_like, p),
+    lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g),
+  )
 
-  ``stock`` is a stock optax factory of the learning rate. Per-parameter rates
-  are the last (linear) factor of every update in the optimizers tested this
-  way, so they are the stock optimizer at rate 1, rescaled per leaf.
+
+def forward_meta_gradient(opt, loss, hyperparams_fn, meta, params0, batches, outer):
+  """``d outer_loss / d (meta, params0)`` by ``mfo.meta_optimizer(..., mode="forward")``.
+
+  One meta-step from a learned initialisation ``params0`` (``init_params_fn``), so that forward
+  mode, like reverse mode, gives the gradient with respect to both.
   """
-  loss = inner_loss(kind)
+  hp = None if hyperparams_fn is None else (lambda m: hyperparams_fn(m["meta"]))
+  mo = mfo.meta_optimizer(
+    lambda p, m, b: loss(p, m["meta"], b),
+    lambda p, m, b: outer_loss(p, b),
+    opt,
+    recording_opt(),
+    hyperparams_fn=hp,
+    mode="forward",
+    init_params_fn=lambda m: m["params0"],
+  )
+  state, _ = jax.jit(mo.step)(mo.init({"meta": meta, "params0": params0}), batches, outer)
+  return state.outer_state["meta"], state.outer_state["params0"]
+
+
+def bptt_meta_loss(stock, loss, *, first_order=False):
+  """Plain BPTT reference: ``jax.grad`` inside a ``lax.scan`` of stock optax steps.
+
+  ``stock(meta) -> (optimizer, scale)`` builds the stock optax optimizer from the (traced)
+  meta-parameters; ``scale`` (or None) multiplies its updates leaf by leaf (per-parameter rates
+  as the last, linear factor). ``first_order``: the inner gradient is a constant
+  (``stop_gradient``), the first-order approximation ``mode="first_order"`` computes.
+  """
 
   def meta_loss(meta, params0, batches, outer):
-    scale = None
-    if kind == "learning_rate":
-      opt = stock(jnp.exp(meta["log_lr"]))
-    elif kind == "per_param_rates":
-      opt, scale = stock(1.0), jax.tree.map(jnp.exp, meta["log_lr"])
-    else:
-      opt = stock(LR)
+    opt, scale = stock(meta)
 
     def step(carry, batch):
       params, state = carry
       grads = jax.grad(loss)(params, meta, batch)
+      if first_order:
+        grads = jax.lax.stop_gradient(grads)
       updates, state = opt.update(grads, state, params)
       if scale is not None:
         updates = jax.tree.map(jnp.multiply, updates, scale)

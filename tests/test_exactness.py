@@ -1,91 +1,147 @@
-"""Meta-gradients through mfo.unroll equal plain BPTT through stock optax.
+"""Meta-gradients equal plain BPTT through stock optax, for every optimizer of the registry.
 
-The reference is written independently of the library: a Python loop of
-`jax.grad` + stock optax optimizers, differentiated by `jax.grad` (reverse-
-over-reverse). Everything runs in float64; agreement is required to 1e-10
-relative, and mixflow is also checked against central finite differences.
+The reference is written independently of the library: a ``lax.scan`` of ``jax.grad`` + stock
+optax steps, differentiated by ``jax.grad`` (reverse-over-reverse). Everything runs in float64;
+agreement is required to 1e-10 relative. The cases are ``registry.design()``: every optimizer
+(tests/registry.py) meets every mode (mixflow, standard, first_order, forward) and every
+meta-parameter kind it supports, without the full product; ``DesignTest`` checks that. Mixflow is
+also checked against central finite differences and closed forms, and where inner gradients have
+exactly-zero entries (stock optax: NaN) against finite differences.
 """
 
+import collections
 import functools
+import itertools
 
 import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import registry
 from absl.testing import absltest, parameterized
 
 import mixflow_optax as mfo
 
-T_VALUES = (1, 3, 8)
 
-# name -> (mfo factory(lr), stock optax factory(lr))
-OPTIMIZERS = {
-  "sgd_momentum": (
-    lambda lr: mfo.transforms.sgd(lr, momentum=0.9),
-    lambda lr: optax.sgd(lr, momentum=0.9),
-  ),
-  "nesterov": (
-    lambda lr: mfo.transforms.sgd(lr, momentum=0.9, nesterov=True),
-    lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
-  ),
-  "adam": (lambda lr: mfo.transforms.adam(lr), lambda lr: optax.adam(lr)),
-  "adamw": (
-    lambda lr: mfo.transforms.adamw(lr, weight_decay=0.1),
-    lambda lr: optax.adamw(lr, weight_decay=0.1),
-  ),
-  "rmsprop": (
-    lambda lr: mfo.transforms.rmsprop(lr, momentum=0.5),
-    lambda lr: optax.rmsprop(lr, momentum=0.5),
-  ),
-  # Stock optax clipping inside an mfo chain, with clipping active.
-  "chain_clip": (
-    lambda lr: mfo.transforms.chain(optax.clip_by_global_norm(0.3), mfo.transforms.adam(lr)),
-    lambda lr: optax.chain(optax.clip_by_global_norm(0.3), optax.adam(lr)),
-  ),
-}
+def _meta_loss_parts(opt_name, kind_name):
+  opt, kind = registry.OPTIMIZERS[opt_name], registry.META_KINDS[kind_name]
+  return opt, kind, helpers.inner_loss(kind.weighted_loss), kind.hyperparams_fn(opt)
 
 
 @functools.cache
-def _reference_meta_gradient(opt_name, kind, T):
-  """Cached: shared by the mode x remat variants of one (optimizer, kind, T)."""
+def _reference_meta_gradient(opt_name, kind_name, T, first_order=False):
+  """Plain BPTT through stock optax; cached (the design rarely repeats a triple)."""
+  opt, kind, loss, _ = _meta_loss_parts(opt_name, kind_name)
   with jax.enable_x64(True):
     params, batches, outer = helpers.exactness_problem(T)
-    meta = helpers.meta_params(kind, params)
-    ref = jax.jit(jax.grad(helpers.bptt_meta_loss(OPTIMIZERS[opt_name][1], kind), argnums=(0, 1)))
-    return jax.device_get(ref(meta, params, batches, outer))
+    meta = kind.init(opt, params)
+    stock = functools.partial(kind.stock, opt)
+    ref = helpers.bptt_meta_loss(stock, loss, first_order=first_order)
+    return jax.device_get(jax.jit(jax.grad(ref, argnums=(0, 1)))(meta, params, batches, outer))
+
+
+def _meta_gradient(case, meta, params, batches, outer):
+  """``d outer / d (meta, params0)`` as the library computes it in ``case.mode``."""
+  opt, _, loss, hp = _meta_loss_parts(case.optimizer, case.kind)
+  inner_opt = opt.make(**{opt.rate: helpers.LR})
+  if case.mode == "forward":
+    return helpers.forward_meta_gradient(inner_opt, loss, hp, meta, params, batches, outer)
+  meta_loss = helpers.unroll_meta_loss(inner_opt, loss, hp, case.mode, remat=case.remat)
+  return jax.jit(jax.grad(meta_loss, argnums=(0, 1)))(meta, params, batches, outer)
+
+
+def _finite(tree):
+  return all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+class DesignTest(helpers.TestCase):
+  """The covering properties of ``registry.exactness_design`` (it replaces the full product)."""
+
+  def setUp(self):
+    super().setUp()
+    self.cases = registry.design()
+    self.tested = {n: o for n, o in registry.OPTIMIZERS.items() if o.meta_kinds}
+
+  def test_every_optimizer_meets_every_mode_and_every_kind(self):
+    seen = collections.defaultdict(set)
+    for c in self.cases:
+      seen[c.optimizer, "mode"].add(c.mode)
+      seen[c.optimizer, "kind"].add(c.kind)
+    for name, opt in self.tested.items():
+      self.assertEqual(seen[name, "mode"], set(opt.modes), name)
+      self.assertContainsSubset(opt.modes, registry.MODES)
+      self.assertEqual(seen[name, "kind"], set(opt.meta_kinds), name)
+    self.assertEqual({c.optimizer for c in self.cases}, set(self.tested))
+
+  def test_every_kind_meets_every_mode_with_several_optimizers(self):
+    groups = collections.defaultdict(set)
+    for c in self.cases:
+      groups[c.kind, c.mode].add(c.optimizer)
+    for kind, mode in itertools.product(registry.META_KINDS, registry.MODES):
+      optimizers = groups[kind, mode]
+      self.assertGreaterEqual(len(optimizers), 3, (kind, mode, optimizers))
+      hand_written = {registry.OPTIMIZERS[o].group for o in optimizers}
+      self.assertIn(registry.HAND_WRITTEN, hand_written, (kind, mode))
+
+  def test_every_mode_meets_every_T_and_remat_setting(self):
+    seen = {(c.mode, c.T, c.remat if c.mode in registry.UNROLL_MODES else None) for c in self.cases}
+    for mode, T in itertools.product(registry.MODES, registry.T_VALUES):
+      # Forward mode stores nothing across steps: remat does not apply.
+      remats = (True, False) if mode in registry.UNROLL_MODES else (None,)
+      for remat in remats:
+        self.assertIn((mode, T, remat), seen)
+
+  def test_pairwise_not_the_full_product(self):
+    full = sum(len(o.meta_kinds) * len(o.modes) for o in self.tested.values())
+    self.assertLess(len(self.cases), full / 3)
+    self.assertEqual(len({c.name for c in self.cases}), len(self.cases))  # Readable, unique ids.
+
+  def test_a_missing_pair_is_detected(self):
+    # The checks above can fail: drop one case and a (optimizer, mode) pair goes missing.
+    cases = self.cases[1:]
+    first = self.cases[0]
+    self.assertNotIn((first.optimizer, first.mode), {(c.optimizer, c.mode) for c in cases})
 
 
 class ExactnessTest(helpers.F64TestCase):
-  @parameterized.product(
-    opt_name=tuple(OPTIMIZERS),
-    kind=helpers.META_KINDS,
-    mode=("mixflow", "standard"),
-    T=T_VALUES,
-    remat=(True, False),
+  @parameterized.named_parameters(
+    *({"testcase_name": c.name, "case": c} for c in registry.design())
   )
-  def test_matches_plain_bptt_through_stock_optax(self, opt_name, kind, mode, T, remat):
-    params, batches, outer = helpers.exactness_problem(T)
-    meta = helpers.meta_params(kind, params)
-    ours = jax.jit(
-      jax.grad(
-        helpers.unroll_meta_loss(OPTIMIZERS[opt_name][0](helpers.LR), kind, mode, remat=remat),
-        argnums=(0, 1),
-      )
-    )
-    got = ours(meta, params, batches, outer)
-    want = _reference_meta_gradient(opt_name, kind, T)
-    self.assertTrue(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got)))
+  def test_matches_plain_bptt_through_stock_optax(self, case):
+    opt, kind, _, _ = _meta_loss_parts(case.optimizer, case.kind)
+    params, batches, outer = helpers.exactness_problem(case.T)
+    meta = kind.init(opt, params)
+    got = _meta_gradient(case, meta, params, batches, outer)
+    first_order = case.mode == "first_order"
+    want = _reference_meta_gradient(case.optimizer, case.kind, case.T, first_order)
+    self.assertTrue(_finite(want), "stock reference is NaN")
+    self.assertTrue(_finite(got))
     # The meta-gradient is not trivially zero (the test can fail).
-    self.assertGreater(max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want)), 1e-6)
-    self.assertLessEqual(helpers.max_rel_err(got, want), 1e-10)
+    self.assertGreater(max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want)), 1e-6)
+    self.assertLessEqual(helpers.max_rel_err(got, want), opt.exact_rtol)
+    if first_order and opt.sign_step:
+      # No second-order term: the first-order meta-gradient is the exact one.
+      exact = _reference_meta_gradient(case.optimizer, case.kind, case.T)
+      self.assertLessEqual(helpers.max_rel_err(got, exact), opt.exact_rtol)
 
-  @parameterized.product(opt_name=tuple(OPTIMIZERS), kind=helpers.META_KINDS)
-  def test_mixflow_matches_central_finite_differences(self, opt_name, kind):
+  @parameterized.named_parameters(
+    *(
+      {
+        "testcase_name": f"{name}_{opt.meta_kinds[i % len(opt.meta_kinds)]}",
+        "opt_name": name,
+        "kind_name": opt.meta_kinds[i % len(opt.meta_kinds)],
+      }
+      for i, (name, opt) in enumerate(registry.HAND_WRITTEN_OPTIMIZERS.items())
+      if opt.meta_kinds
+    )
+  )
+  def test_mixflow_matches_central_finite_differences(self, opt_name, kind_name):
+    opt, kind, loss, hp = _meta_loss_parts(opt_name, kind_name)
     T = 3
     params, batches, outer = helpers.exactness_problem(T, seed=1)
-    meta = helpers.meta_params(kind, params)
-    f = jax.jit(helpers.unroll_meta_loss(OPTIMIZERS[opt_name][0](helpers.LR), kind, "mixflow"))
+    meta = kind.init(opt, params)
+    f = jax.jit(helpers.unroll_meta_loss(opt.make(**{opt.rate: helpers.LR}), loss, hp, "mixflow"))
     g = jax.jit(jax.grad(f, argnums=(0, 1)))(meta, params, batches, outer)
     # Directional derivative along a random direction in (meta, params0).
     leaves, treedef = jax.tree.flatten((meta, params))
@@ -144,35 +200,49 @@ class ClosedFormTest(helpers.F64TestCase):
     np.testing.assert_allclose(jax.grad(meta_loss)(jnp.asarray(alpha)), expected, rtol=1e-13)
 
 
+# Entries (with construction changes) whose stock meta-gradient is NaN when a gradient entry is
+# exactly 0 (sqrt at 0, norms of zero tensors).
+_ZERO_GRADIENT_CASES = {
+  "adam": ("adam", {}),
+  "adamw": ("adamw", {}),
+  "rmsprop_eps_outside_sqrt": ("rmsprop", {"eps_in_sqrt": False}),
+  "nadam": ("nadam", {}),
+  "amsgrad": ("amsgrad", {}),
+  "adabelief_eps_root_zero": ("adabelief", {"eps": 1e-8, "eps_root": 0.0}),
+  "lamb": ("lamb", {}),
+}
+
+
 class ZeroGradientTest(helpers.F64TestCase):
-  """Adam-family meta-gradients stay exact where inner gradients are exactly 0."""
+  """Through mfo.unroll: finite, equal to central differences, where stock optax gives NaN."""
 
   @parameterized.named_parameters(
-    ("adam", lambda lr: mfo.transforms.adam(lr), lambda lr: optax.adam(lr)),
-    ("adamw", lambda lr: mfo.transforms.adamw(lr), lambda lr: optax.adamw(lr)),
-    (
-      "rmsprop_eps_outside",
-      lambda lr: mfo.transforms.rmsprop(lr, eps_in_sqrt=False),
-      lambda lr: optax.rmsprop(lr, eps_in_sqrt=False),
-    ),
+    *helpers.named_product(name=_ZERO_GRADIENT_CASES, mode=("mixflow", "standard"))
   )
-  def test_exactly_zero_gradient_entries(self, mfo_factory, stock_factory):
-    # Feature 1 of the data is always 0, so the gradient of w[1] is exactly 0
-    # while still depending on the meta-parameters (as with a dead ReLU or an
-    # absent sparse feature); params["unused"] never enters the loss at all.
-    params = {"w": jnp.array([0.5, -1.0]), "unused": jnp.array([0.3, 0.0])}
-    xs = jnp.array([[1.0, 0.0], [0.5, 0.0], [2.0, 0.0]])
+  def test_exactly_zero_gradient_entries(self, name, mode):
+    entry, kwargs = _ZERO_GRADIENT_CASES[name]
+    opt_entry = registry.OPTIMIZERS[entry]
+    make = lambda lr: opt_entry.make(learning_rate=lr, **kwargs)
+    make_stock = lambda lr: opt_entry.stock(learning_rate=lr, **kwargs)
+    # Feature 1 is always 0: the gradient of w[:, 1] is exactly 0 at every step (as with a dead
+    # ReLU or an absent sparse feature); params["unused"] never enters the inner loss at all.
+    params = {
+      "w": jnp.asarray([[0.5, -1.0], [0.3, 0.7]]),
+      "b": jnp.asarray([0.1, -0.2]),
+      "unused": jnp.asarray([0.3, 0.0]),
+    }
+    xs = jnp.asarray([[[1.0, 0.0]], [[0.5, 0.0]], [[2.0, 0.0]]])
+    meta = {"target": jnp.asarray([0.2, -0.4]), "log_lr": jnp.log(0.1)}
 
-    def inner_loss(p, meta, x):
-      return jnp.sum((p["w"] * x - meta["target"]) ** 2)
+    def inner_loss(p, m, x):
+      return jnp.sum((jnp.tanh(x @ p["w"] + p["b"][None, :]) - m["target"][None, :]) ** 2)
 
     def outer(p):
-      return jnp.sum(p["w"] ** 2) + jnp.sum(p["unused"] ** 2)
+      return jnp.sum(p["w"] ** 2) + jnp.sum(jnp.tanh(p["b"])) + jnp.sum(p["unused"] ** 2)
 
-    meta = {"target": jnp.array([0.2, -0.4]), "log_lr": jnp.log(0.1)}
-    opt = mfo_factory(0.1)
+    opt = make(0.1)
     run = mfo.unroll(
-      inner_loss, opt, hyperparams_fn=lambda m: {"learning_rate": jnp.exp(m["log_lr"])}
+      inner_loss, opt, hyperparams_fn=lambda m: {"learning_rate": jnp.exp(m["log_lr"])}, mode=mode
     )
 
     def meta_loss(m, p0):
@@ -180,7 +250,7 @@ class ZeroGradientTest(helpers.F64TestCase):
       return outer(p)
 
     def stock_meta_loss(m, p0):
-      s_opt = stock_factory(jnp.exp(m["log_lr"]))
+      s_opt = make_stock(jnp.exp(m["log_lr"]))
       p, s = p0, s_opt.init(p0)
       for x in xs:
         u, s = s_opt.update(jax.grad(inner_loss)(p, m, x), s, p)
@@ -189,27 +259,23 @@ class ZeroGradientTest(helpers.F64TestCase):
 
     # Forward values are unchanged.
     np.testing.assert_allclose(meta_loss(meta, params), stock_meta_loss(meta, params), rtol=1e-13)
-    got = jax.grad(meta_loss, argnums=(0, 1))(meta, params)
+    got = jax.jit(jax.grad(meta_loss, argnums=(0, 1)))(meta, params)
     stock = jax.grad(stock_meta_loss, argnums=(0, 1))(meta, params)
     # Plain autodiff through stock optax gives NaN here ...
     self.assertTrue(any(bool(jnp.any(jnp.isnan(x))) for x in jax.tree.leaves(stock)))
-    # ... the exact derivative is finite and equals central finite differences.
+    # ... the exact derivative is finite and equals central differences along a random
+    # direction in (meta, params0).
     self.assertTrue(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got)))
-    h = 1e-6
     leaves, treedef = jax.tree.flatten((meta, params))
-    for i, leaf in enumerate(leaves):
-      for j in range(leaf.size):
-        e = np.zeros(leaf.size)
-        e[j] = h
-
-        def shifted(s, i=i, e=e, leaf=leaf):
-          ls = list(leaves)
-          ls[i] = leaf + s * e.reshape(leaf.shape)
-          return meta_loss(*jax.tree.unflatten(treedef, ls))
-
-        fd = (shifted(1.0) - shifted(-1.0)) / (2 * h)
-        ad = jax.tree.leaves(got)[i].reshape(-1)[j]
-        np.testing.assert_allclose(ad, fd, rtol=1e-6, atol=1e-8)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    v = jax.tree.unflatten(
+      treedef, [jax.random.normal(k, jnp.shape(x)) for k, x in zip(keys, leaves)]
+    )
+    f = jax.jit(lambda s: meta_loss(*jax.tree.map(lambda x, d: x + s * d, (meta, params), v)))
+    fd = (f(1e-6) - f(-1e-6)) / 2e-6
+    ad = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v)))
+    np.testing.assert_allclose(float(ad), float(fd), rtol=1e-6, atol=1e-9)
+    self.assertGreater(abs(float(ad)), 1e-3)
 
 
 if __name__ == "__main__":

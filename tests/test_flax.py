@@ -116,7 +116,9 @@ def _bn_losses(train, evaluate):
 
 
 class FlaxRecipeTest(helpers.F64TestCase):
-  @parameterized.product(framework=("nnx", "linen"), mode=("mixflow", "standard"))
+  @parameterized.named_parameters(
+    *helpers.named_product(framework=("nnx", "linen"), mode=("mixflow", "standard"))
+  )
   def test_per_parameter_learning_rates(self, framework, mode):
     import mixflow_optax as mfo
 
@@ -155,7 +157,9 @@ class FlaxRecipeTest(helpers.F64TestCase):
     chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-14)
     chex.assert_trees_all_equal_structs(new_state.params, params)
 
-  @parameterized.product(framework=("nnx", "linen"), mode=("mixflow", "standard"))
+  @parameterized.named_parameters(
+    *helpers.named_product(framework=("nnx", "linen"), mode=("mixflow", "standard"))
+  )
   def test_batchnorm_statistics_are_carried_and_differentiated(self, framework, mode):
     """BatchNorm: running statistics carried through the unroll; meta-gradient exact."""
     import mixflow_optax as mfo

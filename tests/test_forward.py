@@ -1,5 +1,6 @@
 """Forward-mode meta-gradients: equal to reverse mode, flat in T, carried tangents, errors."""
 
+import itertools
 import os
 import pathlib
 import subprocess
@@ -10,8 +11,8 @@ import chex
 import helpers
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+import registry
 from absl.testing import absltest, parameterized
 
 import mixflow_optax as mfo
@@ -27,12 +28,6 @@ def _mse(params, meta, batch):
   del meta
   x, y = batch
   return jnp.mean((_mlp(params, x) - y) ** 2)
-
-
-def _mixed(params, meta, batch):
-  # Loss-mixing weights: data term and an L2 penalty, weighted by learned coefficients.
-  w = jax.nn.softplus(meta["mix"])
-  return w[0] * _mse(params, meta, batch) + w[1] * optax.tree.norm(params, squared=True)
 
 
 def _problem(T, width=4, seed=0):
@@ -52,71 +47,19 @@ def _exp_lr(m):
   return {"learning_rate": jnp.exp(m["log_lr"])}
 
 
-# name -> (inner_opt, inner_loss, meta_params, hyperparams_fn)
-CASES = {
-  "sgd_momentum": (
-    mfo.transforms.sgd(0.1, momentum=0.9),
-    _mse,
-    {"log_lr": np.log(0.1), "momentum": np.asarray(0.8)},
-    lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "momentum": m["momentum"]},
-  ),
-  "nesterov": (
-    mfo.transforms.sgd(0.1, momentum=0.9, nesterov=True),
-    _mse,
-    {"log_lr": np.log(0.05), "momentum": np.asarray(0.7)},
-    lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "momentum": m["momentum"]},
-  ),
-  "stock_clip_in_chain": (
-    mfo.transforms.chain(optax.clip_by_global_norm(0.3), mfo.transforms.rmsprop(0.1, momentum=0.5)),
-    _mse,
-    {"log_lr": np.log(0.02)},
-    _exp_lr,
-  ),
-  "adam_betas": (
-    mfo.transforms.adam(0.1),
-    _mse,
-    {"log_lr": np.log(0.05), "b1": np.asarray(0.9), "b2": np.asarray(0.99)},
-    lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "b1": m["b1"], "b2": m["b2"]},
-  ),
-  "adamw_weight_decay": (
-    mfo.transforms.adamw(0.1),
-    _mse,
-    {"log_lr": np.log(0.05), "log_wd": np.log(0.1)},
-    lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "weight_decay": jnp.exp(m["log_wd"])},
-  ),
-  "rmsprop_decay": (
-    mfo.transforms.rmsprop(0.1),
-    _mse,
-    {"log_lr": np.log(0.02), "decay": np.asarray(0.9)},
-    lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "decay": m["decay"]},
-  ),
-  "clip_threshold": (
-    mfo.transforms.chain(mfo.transforms.clip_by_global_norm(1.0), mfo.transforms.adam(0.05)),
-    _mse,
-    {"log_lr": np.log(0.05), "log_max_norm": np.log(0.3)},  # small: clipping is active
-    lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "max_norm": jnp.exp(m["log_max_norm"])},
-  ),
-  "loss_mixing": (
-    mfo.transforms.adam(0.05),
-    _mixed,
-    {"log_lr": np.log(0.05), "mix": np.asarray([1.0, -2.0])},
-    _exp_lr,
-  ),
-  "per_layer_rates": (
-    mfo.transforms.sgd(0.1),
-    _mse,
-    {"w1": np.log(0.1), "b1": np.log(0.05), "w2": np.log(0.2)},
-    lambda m: {"learning_rate": jax.tree.map(jnp.exp, m)},
-  ),
-}
-
-
-def _recording_opt():
-  """An outer optimizer that makes no update and keeps the last meta-gradient in its state."""
-  return optax.GradientTransformation(
-    lambda p: jax.tree.map(jnp.zeros_like, p),
-    lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g),
-  )
+# (registry entry, meta-parameter kind) pairs of tests/registry.py: hyperparameters of each
+# optimizer family, stock clipping in a chain, loss weights and per-parameter rates.
+CASES = (
+  ("sgd_momentum", "hyperparams"),
+  ("sgd_nesterov", "hyperparams"),
+  ("optax_clip_adam", "learning_rate"),
+  ("adam", "hyperparams"),
+  ("adamw", "hyperparams"),
+  ("rmsprop", "hyperparams"),
+  ("mfo_clip_adam", "hyperparams"),
+  ("adam", "loss_weights"),
+  ("sgd", "per_param_rates"),
+)
 
 
 def _stateful_loss(params, meta, batch, state):
@@ -135,15 +78,29 @@ def _stateful_outer(params, meta, batch, state):
 
 
 class ForwardEqualsReverseTest(helpers.F64TestCase):
-  @parameterized.product(case=tuple(CASES), T=(1, 5))
-  def test_two_online_steps_match_reverse_mode(self, case, T):
-    opt, loss, meta, hp = CASES[case]
-    meta = jax.tree.map(jnp.asarray, meta)  # float64 under the test's x64 context
-    params, inner, outer = _problem(T)
+  @parameterized.named_parameters(
+    *(
+      {"testcase_name": f"{opt}_{kind}_T{T}_steps", "opt_name": opt, "kind_name": kind, "T": T}
+      for (opt, kind), T in itertools.product(CASES, (1, 5))
+    )
+  )
+  def test_two_online_steps_match_reverse_mode(self, opt_name, kind_name, T):
+    entry, kind = registry.OPTIMIZERS[opt_name], registry.META_KINDS[kind_name]
+    params, inner, outer = helpers.exactness_problem(T)
+    meta = kind.init(entry, params)
+    loss = helpers.inner_loss(kind.weighted_loss)
     states = {}
     for mode in ("standard", "forward"):
-      # Outer SGD: Adam would scale round-off in a near-zero meta-gradient up to a full step.
-      mo = mfo.meta_optimizer(loss, _mse, opt, optax.sgd(0.05), hyperparams_fn=hp, mode=mode)
+      # Outer SGD: Adam would scale round-off in a near-zero meta-gradient up to a full step. A
+      # small step keeps raw betas and decays below 1.
+      mo = mfo.meta_optimizer(
+        loss,
+        lambda p, m, b: helpers.outer_loss(p, b),
+        entry.make(),
+        optax.sgd(1e-3),
+        hyperparams_fn=kind.hyperparams_fn(entry),
+        mode=mode,
+      )
       state = mo.init(meta, params)
       step = jax.jit(mo.step)
       for _ in range(2):  # the second step starts from the carried inner state
@@ -166,9 +123,12 @@ class ForwardEqualsReverseTest(helpers.F64TestCase):
       (p, _), _ = jax.lax.scan(step, (params, opt.init(params)), inner)
       return _mse(p, meta, outer)
 
-    opt, loss, meta, hp = CASES["adamw_weight_decay"]
-    meta = jax.tree.map(jnp.asarray, meta)
-    mo = mfo.meta_optimizer(loss, _mse, opt, _recording_opt(), hyperparams_fn=hp, mode="forward")
+    opt = registry.OPTIMIZERS["adamw"].make(learning_rate=0.1)
+    meta = {"log_lr": jnp.log(0.05), "log_wd": jnp.log(0.1)}
+    hp = lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "weight_decay": jnp.exp(m["log_wd"])}
+    mo = mfo.meta_optimizer(
+      _mse, _mse, opt, helpers.recording_opt(), hyperparams_fn=hp, mode="forward"
+    )
     state, _ = jax.jit(mo.step)(mo.init(meta, params), inner, outer)
     chex.assert_trees_all_close(state.outer_state, jax.grad(plain)(meta), rtol=1e-10)
 
@@ -183,7 +143,7 @@ class ForwardEqualsReverseTest(helpers.F64TestCase):
         _stateful_loss,
         _stateful_outer,
         mfo.transforms.adam(0.1),
-        _recording_opt(),
+        helpers.recording_opt(),
         hyperparams_fn=_exp_lr,
         mode=mode,
         has_model_state=True,
@@ -208,7 +168,7 @@ class ForwardEqualsReverseTest(helpers.F64TestCase):
         _mse,
         _mse,
         mfo.transforms.sgd(0.1),
-        _recording_opt(),
+        helpers.recording_opt(),
         hyperparams_fn=_exp_lr,
         mode=mode,
         init_params_fn=init_params_fn,
@@ -224,12 +184,12 @@ class CarriedTangentsTest(helpers.F64TestCase):
     T, k = 3, 3
     params, (x, y), outer = _problem(T * k)
     meta = {"log_lr": jnp.log(0.05), "b1": jnp.asarray(0.8)}
-    hp = CASES["adam_betas"][3]
+    hp = lambda m: {"learning_rate": jnp.exp(m["log_lr"]), "b1": m["b1"], "b2": m["b2"]}
     mo = mfo.meta_optimizer(
       _mse,
       _mse,
       mfo.transforms.adam(0.1),
-      _recording_opt(),
+      helpers.recording_opt(),
       hyperparams_fn=lambda m: hp({**m, "b2": jnp.asarray(0.99)}),
       mode="forward",
       carry_tangents=True,
@@ -256,9 +216,16 @@ class CarriedTangentsTest(helpers.F64TestCase):
 
   def test_online_updates_jit_once(self):
     params, inner, outer = _problem(2)
-    opt, loss, meta, hp = CASES["rmsprop_decay"]
+    entry, kind = registry.OPTIMIZERS["rmsprop"], registry.META_KINDS["hyperparams"]
+    meta = kind.init(entry, params)
     mo = mfo.meta_optimizer(
-      loss, _mse, opt, optax.adam(0.01), hyperparams_fn=hp, mode="forward", carry_tangents=True
+      _mse,
+      _mse,
+      entry.make(),
+      optax.adam(0.01),
+      hyperparams_fn=kind.hyperparams_fn(entry),
+      mode="forward",
+      carry_tangents=True,
     )
 
     @jax.jit

@@ -251,7 +251,9 @@ class CustomVjpTest(helpers.F64TestCase):
     want = jax.grad(self._meta(_fused_op, jax.grad), argnums=(0, 1))(eta, w)
     chex.assert_trees_all_close(got, want, rtol=1e-12)
 
-  @parameterized.product(remat=(True, False), jit=(True, False))
+  @parameterized.named_parameters(
+    *helpers.named_grid(remat={"remat": True, "no_remat": False}, jit={"jit": True, "eager": False})
+  )
   def test_forward_mode_blocker_inside_unroll(self, remat, jit):
     """Under lax.scan / jax.checkpoint / jit, JAX defers the jvp failure to run
     time; the rule detects it while tracing, so the error and the fallback

@@ -59,7 +59,11 @@ class CheckpointEveryTest(helpers.F64TestCase):
     got = _meta_grad(T, k, mode)
     chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-14)
 
-  @parameterized.parameters((True, True), (False, False), (True, False))
+  @parameterized.named_parameters(
+    ("remat_saved_grads", True, True),
+    ("no_remat", False, False),
+    ("remat_recomputed_grads", True, False),
+  )
   def test_with_remat_options(self, remat, save_inner_grads):
     want = _meta_grad(10, None, remat=remat, save_inner_grads=save_inner_grads)
     got = _meta_grad(10, 3, remat=remat, save_inner_grads=save_inner_grads)

@@ -1,5 +1,6 @@
 """Misuse gets a clear error that names the problem and the fix, or a correct result."""
 
+import dataclasses
 import warnings
 
 import chex
@@ -12,6 +13,7 @@ from absl.testing import absltest, parameterized
 from jax.experimental import checkify
 
 import mixflow_optax as mfo
+from mixflow_optax import _config
 
 _OPT = mfo.transforms.sgd(0.1)
 # NumPy, so that each test gets its own default float dtype (float64 in F64TestCase).
@@ -75,7 +77,7 @@ class CheckMetaGradientTest(helpers.F64TestCase):
 
 
 class EmptyStepAxisTest(helpers.TestCase):
-  @parameterized.parameters(None, 2)
+  @parameterized.named_parameters(("every_step_stored", None), ("checkpoint_every_two", 2))
   def test_zero_steps(self, checkpoint_every):
     run = _run(checkpoint_every=checkpoint_every)
     with self.assertRaisesRegex(ValueError, r"T = 0.*at least one step"):
@@ -88,9 +90,11 @@ class EmptyStepAxisTest(helpers.TestCase):
 
 
 class OptionTypesTest(helpers.TestCase):
-  @parameterized.product(
-    name=("remat", "save_inner_grads", "has_model_state", "check_finite"),
-    builder=("unroll", "meta_optimizer"),
+  @parameterized.named_parameters(
+    *helpers.named_product(
+      name=("remat", "save_inner_grads", "has_model_state", "check_finite"),
+      builder=("unroll", "meta_optimizer"),
+    )
   )
   def test_booleans_only(self, name, builder):
     build = _run if builder == "unroll" else _mo
@@ -101,12 +105,21 @@ class OptionTypesTest(helpers.TestCase):
     with self.assertRaisesRegex(TypeError, "return_losses must be True or False, got 1"):
       _run(return_losses=1)
 
-  @parameterized.parameters("reset_inner", "batched_tasks")
+  @parameterized.named_parameters(
+    ("reset_inner", "reset_inner"), ("batched_tasks", "batched_tasks")
+  )
   def test_meta_only_booleans(self, name):
     with self.assertRaisesRegex(TypeError, f"{name} must be True or False"):
       _mo(**{name: "yes"})
 
-  @parameterized.parameters((True,), ((),), ([],), ((2, 0),), ("4",), (0,))
+  @parameterized.named_parameters(
+    ("bool", True),
+    ("empty_tuple", ()),
+    ("empty_list", []),
+    ("zero_inner_level", (2, 0)),
+    ("string", "4"),
+    ("zero", 0),
+  )
   def test_checkpoint_every(self, bad):
     for build in (_run, _mo):
       with self.assertRaisesRegex(ValueError, "checkpoint_every must be a positive int"):
@@ -116,7 +129,7 @@ class OptionTypesTest(helpers.TestCase):
     for good in (2, [2], (2, 1), np.array([2])):
       _run(checkpoint_every=good)
 
-  @parameterized.parameters("2", 0, 1.5)
+  @parameterized.named_parameters(("string", "2"), ("zero", 0), ("float", 1.5))
   def test_unroll_steps(self, bad):
     for build in (_run, _mo):
       with self.assertRaisesRegex(ValueError, "unroll_steps must be a positive int"):
@@ -149,7 +162,7 @@ class DonationTest(helpers.TestCase):
 
 
 class LossOutputTest(helpers.TestCase):
-  @parameterized.parameters("mixflow", "standard")
+  @parameterized.named_parameters(("mixflow", "mixflow"), ("standard", "standard"))
   def test_loss_and_metrics_without_flag_in_unroll(self, mode):
     run = _run(lambda w, m, x: (_loss(w, m, x), {"acc": jnp.ones(())}), mode=mode)
     with self.assertRaisesRegex(TypeError, r"returned a tuple of 2.*has_model_state=True"):
@@ -159,13 +172,13 @@ class LossOutputTest(helpers.TestCase):
     with self.assertRaisesRegex(TypeError, r"returned a tuple of 2.*has_aux=True"):
       mfo.fwdrev_grad(lambda w: (jnp.sum(w**2), {"n": 1.0}))(_W0)
 
-  @parameterized.parameters("mixflow", "standard")
+  @parameterized.named_parameters(("mixflow", "mixflow"), ("standard", "standard"))
   def test_model_state_loss_without_state(self, mode):
     run = _run(lambda w, m, x, s: _loss(w, m, x), has_model_state=True, mode=mode)
     with self.assertRaisesRegex(TypeError, r"has_model_state=True.*\(loss, new_model_state\)"):
       run(0.0, _W0, _OPT.init(_W0), _XS, {"s": jnp.zeros(())})
 
-  @parameterized.parameters("mixflow", "standard")
+  @parameterized.named_parameters(("mixflow", "mixflow"), ("standard", "standard"))
   def test_non_scalar_inner_loss_same_message(self, mode):
     run = _run(lambda w, m, x: (w * x) ** 2, mode=mode)
     with self.assertRaisesRegex(TypeError, r"must return a real scalar loss.*shape \(4,\)"):
@@ -208,7 +221,7 @@ class CheckFiniteTest(helpers.TestCase):
 
 
 class MetaStateTest(helpers.TestCase):
-  @parameterized.parameters(None, 1.0)
+  @parameterized.named_parameters(("none", None), ("float", 1.0))
   def test_step_before_init(self, state):
     with self.assertRaisesRegex(TypeError, r"MetaState made by this meta-optimizer's init"):
       _mo().step(state, _XS, _XS[0])
@@ -287,13 +300,36 @@ def _host_sin_jvp(primals, tangents):
 
 
 class ForwardModeErrorTest(helpers.TestCase):
-  @parameterized.parameters("raise", "reverse")
+  @parameterized.named_parameters(("raise", "raise"), ("reverse", "reverse"))
   def test_no_suggestion_for_an_operation_without_second_derivative(self, fallback):
     run = _run(lambda w, m, x: jnp.sum(_host_sin(w * x)) * m, fallback=fallback)
     meta_loss = lambda m: jnp.sum(run(m, _W0, _OPT.init(_W0), _XS)[0])
     with self.assertRaisesRegex(mfo.ForwardModeError, "cannot be differentiated twice") as cm:
       jax.grad(meta_loss)(0.1)
     self.assertNotIn("pass fallback='reverse'", str(cm.exception))
+
+
+class MemoryConfigTest(helpers.TestCase):
+  """``unroll`` and ``meta_optimizer`` share one memory-settings object."""
+
+  def test_one_object_built_and_checked_once(self):
+    cfg = _config.memory_config("x", remat=True, save_inner_grads=False, checkpoint_every=[4, 2])
+    self.assertEqual(cfg, _config.MemoryConfig(True, False, (4, 2), 1))
+    self.assertIs(cfg.step_policy(), jax.checkpoint_policies.nothing_saveable)
+    self.assertIsNone(_config.MemoryConfig(remat=False).step_policy())
+    with self.assertRaises(dataclasses.FrozenInstanceError):
+      cfg.remat = False  # type: ignore[misc]
+
+  def test_unroll_and_meta_optimizer_reject_the_same_bad_options(self):
+    opt, loss = mfo.transforms.sgd(0.1), lambda w, m, x: jnp.sum((w - x) ** 2)
+    for build in (
+      lambda **kw: mfo.unroll(loss, opt, **kw),
+      lambda **kw: mfo.meta_optimizer(loss, loss, opt, optax.sgd(0.1), **kw),
+    ):
+      for bad in ({"remat": "no"}, {"checkpoint_every": 0}, {"unroll_steps": "2"}):
+        with self.subTest(build=build, bad=bad):
+          with self.assertRaises((TypeError, ValueError)):
+            build(**bad)
 
 
 if __name__ == "__main__":

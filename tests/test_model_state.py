@@ -60,7 +60,12 @@ def _plain_meta_loss(meta, params, state, inner, outer, opt_state=None):
 
 
 class ModelStateTest(helpers.F64TestCase):
-  @parameterized.product(mode=("mixflow", "standard"), remat=(True, False))
+  @parameterized.named_parameters(
+    *helpers.named_grid(
+      mode={"mixflow": "mixflow", "standard": "standard"},
+      remat={"remat": True, "no_remat": False},
+    )
+  )
   def test_unroll_meta_gradient_through_state_equals_plain_bptt(self, mode, remat):
     params, meta, state, inner, outer = _problem()
     opt = mfo.transforms.adam(0.05)
@@ -96,7 +101,7 @@ class ModelStateTest(helpers.F64TestCase):
     want = jax.grad(_plain_meta_loss)(meta, params, state, inner, outer)["log_lr"]
     self.assertGreater(abs(float(got - want)), 1e-6 * abs(float(want)))
 
-  @parameterized.parameters("mixflow", "standard")
+  @parameterized.named_parameters(("mixflow", "mixflow"), ("standard", "standard"))
   def test_meta_optimizer_carries_state_online(self, mode):
     params, meta, state, inner, outer = _problem()
     mo = mfo.meta_optimizer(
@@ -239,7 +244,7 @@ class CheckFiniteTest(helpers.F64TestCase):
     chex.assert_trees_all_close(m_checked, m_plain, rtol=1e-13)
     self.assertTrue(bool(jnp.isfinite(m_checked["meta_grad_norm"])))
 
-  @parameterized.parameters(None, 3)
+  @parameterized.named_parameters(("every_step_stored", None), ("checkpoint_every_three", 3))
   def test_non_finite_inner_loss_names_the_step(self, checkpoint_every):
     w0, (x, y), outer = _zero_feature_problem()
     y = y.at[2, 0].set(jnp.nan)  # a corrupted label in the third inner batch

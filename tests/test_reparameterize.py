@@ -1,6 +1,7 @@
 """``mfo.transforms.reparameterize`` over the optax optimizers it can wrap.
 
-For every optax alias in the support table (docs/optimizers.md): the wrapped
+For every ``reparameterize`` entry of tests/registry.py (the support table of
+docs/optimizers.md): the wrapped
 optimizer follows the stock trajectory with the stock state, a
 ``hyperparams=`` override equals constructing the stock optimizer with that
 value, and the meta-gradient with respect to the learning rate equals plain
@@ -18,57 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.contrib
+import registry
 from absl.testing import absltest, parameterized
 
 import mixflow_optax as mfo
 
 R = mfo.transforms.reparameterize
-
-# name -> (factory, construction kwargs, static_args). Every entry works with
-# scalar hyperparameters and gives exact (stock) meta-gradients.
-_SUPPORTED = {
-  "adabelief": (optax.adabelief, {"learning_rate": 0.05}, ()),
-  "adadelta": (optax.adadelta, {"learning_rate": 0.5}, ()),
-  "adafactor": (optax.adafactor, {"learning_rate": 0.05}, ("min_dim_size_to_factor",)),
-  "adagrad": (optax.adagrad, {"learning_rate": 0.1}, ()),
-  "adam": (optax.adam, {"learning_rate": 0.05}, ()),
-  "adamax": (optax.adamax, {"learning_rate": 0.05}, ()),
-  "adamaxw": (optax.adamaxw, {"learning_rate": 0.05}, ()),
-  "adamw": (optax.adamw, {"learning_rate": 0.05}, ()),
-  "adan": (optax.adan, {"learning_rate": 0.05}, ()),
-  "amsgrad": (optax.amsgrad, {"learning_rate": 0.05}, ()),
-  "fromage": (optax.fromage, {"learning_rate": 0.05}, ()),
-  "lamb": (optax.lamb, {"learning_rate": 0.05}, ()),
-  "lars": (optax.lars, {"learning_rate": 0.5}, ()),
-  "lion": (optax.lion, {"learning_rate": 0.01}, ()),
-  "nadam": (optax.nadam, {"learning_rate": 0.05}, ()),
-  "nadamw": (optax.nadamw, {"learning_rate": 0.05}, ()),
-  "noisy_sgd": (optax.noisy_sgd, {"learning_rate": 0.05, "key": 0}, ("key",)),
-  "novograd": (optax.novograd, {"learning_rate": 0.05}, ()),
-  "optimistic_adam_v2": (optax.optimistic_adam_v2, {"learning_rate": 0.05}, ()),
-  "optimistic_gradient_descent": (optax.optimistic_gradient_descent, {"learning_rate": 0.05}, ()),
-  "polyak_sgd": (optax.polyak_sgd, {"max_learning_rate": 0.5}, ()),
-  "rmsprop": (optax.rmsprop, {"learning_rate": 0.01}, ()),
-  "sgd": (optax.sgd, {"learning_rate": 0.1, "momentum": 0.9}, ()),
-  "sign_sgd": (optax.sign_sgd, {"learning_rate": 0.01}, ()),
-  "signum": (optax.signum, {"learning_rate": 0.01}, ()),
-  "sm3": (optax.sm3, {"learning_rate": 0.1}, ()),
-  "yogi": (optax.yogi, {"learning_rate": 0.05}, ()),
-  "contrib_acprop": (optax.contrib.acprop, {"learning_rate": 0.05}, ()),
-  "contrib_ademamix": (optax.contrib.ademamix, {"learning_rate": 0.05}, ()),
-  "contrib_adopt": (optax.contrib.adopt, {"learning_rate": 0.05}, ()),
-  "contrib_muon": (optax.contrib.muon, {"learning_rate": 0.05}, ()),
-  "contrib_schedule_free_sgd": (optax.contrib.schedule_free_sgd, {"learning_rate": 0.5}, ()),
-  "contrib_simplified_ademamix": (optax.contrib.simplified_ademamix, {"learning_rate": 0.05}, ()),
-}
-# The rate that sets the step size of each optimizer.
-_RATE = {"polyak_sgd": "max_learning_rate"}
-# Per-parameter values apply tensor by tensor (the reparameterize whitelist).
-_LEAFWISE = tuple(
-  n
-  for n in _SUPPORTED
-  if not n.startswith("contrib") and n not in ("noisy_sgd", "polyak_sgd", "sm3")
-)
+# Every entry works with scalar hyperparameters and gives exact (stock) meta-gradients.
+OPTIMIZERS = registry.REPARAMETERIZED_OPTIMIZERS
 
 
 def _run(opt, hyperparams=None, steps=2, params=None, batch=None):
@@ -96,11 +54,11 @@ def _run(opt, hyperparams=None, steps=2, params=None, batch=None):
 
 
 class SupportedTest(helpers.F64TestCase):
-  @parameterized.named_parameters(*((n, n) for n in _SUPPORTED))
+  @parameterized.named_parameters(*((n, n) for n in OPTIMIZERS))
   def test_trajectory_override_and_meta_gradient_match_stock(self, name):
-    factory, kwargs, static_args = _SUPPORTED[name]
-    rate = _RATE.get(name, "learning_rate")
-    opt = R(factory, static_args=static_args)(**kwargs)
+    entry = OPTIMIZERS[name]
+    factory, kwargs, rate = entry.stock_fn, entry.kwargs, entry.rate
+    opt = entry.make()
     self.assertIsInstance(opt, mfo.transforms.ReparamTransformation)
     self.assertIn(rate, opt.hyperparams)
     self.assertNotIn("key", opt.hyperparams)
@@ -122,10 +80,9 @@ class SupportedTest(helpers.F64TestCase):
     self.assertTrue(np.isfinite(ours))
     np.testing.assert_allclose(ours, stock, rtol=1e-10, atol=1e-14)
 
-  @parameterized.named_parameters(*((n, n) for n in _LEAFWISE))
+  @parameterized.named_parameters(*((n, n) for n, o in OPTIMIZERS.items() if o.leafwise))
   def test_per_parameter_values_equal_separate_runs(self, name):
-    factory, kwargs, static_args = _SUPPORTED[name]
-    opt = R(factory, static_args=static_args)(**kwargs)
+    opt = OPTIMIZERS[name].make()
     values = {k: 0.5 * v for k, v in opt.hyperparams.items() if k in ("learning_rate", "b1")}
     mixed = {k: {"w": v, "b": opt.hyperparams[k]} for k, v in values.items()}
     # Fixed gradients: each tensor's updates depend only on its own values.

@@ -1,10 +1,10 @@
-"""Optax conformance tests for ``mixflow_optax.transforms``.
+"""Optax conformance of every hand-written optimizer of ``mixflow_optax.transforms``.
 
-Every reparameterised optimizer must be a drop-in replacement for the stock
-optax optimizer it mirrors (same trajectory, same state tree, same dtypes, same
-behaviour under jit / scan / cond and inside optax wrappers and flax NNX), and
-additionally take ``hyperparams=`` overrides through which gradients flow,
-exactly and finitely even where gradient entries are exactly zero.
+Every entry of ``registry.HAND_WRITTEN_OPTIMIZERS`` (tests/registry.py) must be a drop-in
+replacement for the stock optax optimizer it mirrors (same trajectory, same state tree, same
+dtypes, same behaviour under jit / scan / cond and inside optax wrappers and flax NNX), and
+additionally take ``hyperparams=`` overrides (scalar, per tensor, per element) through which
+gradients flow, exactly and finitely even where gradient entries are exactly zero.
 """
 
 import functools
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import registry
 from absl.testing import absltest, parameterized
 from flax import nnx
 from jax.flatten_util import ravel_pytree
@@ -22,60 +23,18 @@ from jax.flatten_util import ravel_pytree
 import mixflow_optax as mfo
 
 T = mfo.transforms
+OPTIMIZERS = registry.HAND_WRITTEN_OPTIMIZERS
 
-# ---------------------------------------------------------------------------
-# The optimizer table: name -> (mixflow_optax factory, stock optax factory).
-# ---------------------------------------------------------------------------
 
-# Decay only the matrices (a callable mask works for dict params and for NNX).
-_MATRICES_ONLY = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-_SCHEDULE = optax.linear_schedule(0.1, 0.01, transition_steps=10)
+def _names(predicate=lambda opt: True):
+  """``named_parameters`` arguments: the registry entries for which ``predicate`` holds."""
+  return tuple((name, name) for name, opt in OPTIMIZERS.items() if predicate(opt))
 
-_OPTIMIZERS = {
-  "sgd": (lambda: T.sgd(0.1), lambda: optax.sgd(0.1)),
-  "sgd_momentum": (
-    lambda: T.sgd(0.1, momentum=0.9),
-    lambda: optax.sgd(0.1, momentum=0.9),
-  ),
-  "sgd_nesterov": (
-    lambda: T.sgd(0.1, momentum=0.9, nesterov=True),
-    lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
-  ),
-  "adam": (lambda: T.adam(0.05), lambda: optax.adam(0.05)),
-  "adam_nesterov": (
-    lambda: T.adam(0.05, b1=0.8, nesterov=True),
-    lambda: optax.adam(0.05, b1=0.8, nesterov=True),
-  ),
-  "adamw": (
-    lambda: T.adamw(0.05, weight_decay=0.1),
-    lambda: optax.adamw(0.05, weight_decay=0.1),
-  ),
-  "adamw_mask": (
-    lambda: T.adamw(0.05, weight_decay=0.1, mask=_MATRICES_ONLY),
-    lambda: optax.adamw(0.05, weight_decay=0.1, mask=_MATRICES_ONLY),
-  ),
-  "rmsprop": (lambda: T.rmsprop(0.01), lambda: optax.rmsprop(0.01)),
-  "rmsprop_momentum_nesterov_eps_outside_bias_corrected": (
-    lambda: T.rmsprop(0.01, momentum=0.9, nesterov=True, eps_in_sqrt=False, bias_correction=True),
-    lambda: optax.rmsprop(
-      0.01, momentum=0.9, nesterov=True, eps_in_sqrt=False, bias_correction=True
-    ),
-  ),
-  "rmsprop_centered": (
-    lambda: T.rmsprop(0.01, centered=True),
-    lambda: optax.rmsprop(0.01, centered=True),
-  ),
-  "adam_schedule": (lambda: T.adam(_SCHEDULE), lambda: optax.adam(_SCHEDULE)),
-  "mfo_clip_adam": (
-    lambda: T.chain(T.clip_by_global_norm(0.5), T.adam(0.05)),
-    lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.adam(0.05)),
-  ),
-  "optax_clip_sgd_momentum": (
-    lambda: T.chain(optax.clip_by_global_norm(0.5), T.sgd(0.1, momentum=0.9)),
-    lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1, momentum=0.9)),
-  ),
-}
-_NAMES = tuple((name, name) for name in _OPTIMIZERS)
+
+def _array_overrides(opt):
+  """The entry's overrides of hyperparameters whose default is a value (not a schedule)."""
+  defaults = opt.make().hyperparams
+  return {k: v for k, v in opt.overrides.items() if not callable(defaults[k])}
 
 
 def _assert_finite(testcase, tree):
@@ -96,15 +55,14 @@ class _X64TestCase(helpers.F64TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 1-7: drop-in conformance with stock optax, for every optimizer in the table.
+# Drop-in conformance with stock optax, for every optimizer in the registry.
 # ---------------------------------------------------------------------------
 
 
 class ConformanceTest(_X64TestCase):
-  @parameterized.named_parameters(*_NAMES)
+  @parameterized.named_parameters(*_names())
   def test_trajectory_and_state_match_optax(self, name):
-    make, make_ref = _OPTIMIZERS[name]
-    opt, ref = make(), make_ref()
+    opt, ref = OPTIMIZERS[name].make(), OPTIMIZERS[name].stock()
     self.assertIsInstance(opt, T.ReparamTransformation)
     self.assertIsInstance(opt, optax.GradientTransformationExtraArgs)
     params, batch = helpers.layer_params(), helpers.layer_batch()
@@ -115,7 +73,6 @@ class ConformanceTest(_X64TestCase):
       opt, ref, params, batch, 20, wrap=chex.assert_max_traces(n=1)
     )
     chex.assert_trees_all_close(iterates, ref_iterates, **helpers.TIGHT)
-    self.assertEqual(jax.tree.structure(state), jax.tree.structure(ref_state))
     chex.assert_trees_all_equal_structs(state, ref_state)
     chex.assert_trees_all_close(state, ref_state, **helpers.TIGHT)
     # The run actually optimizes (guards against a vacuous comparison).
@@ -123,11 +80,13 @@ class ConformanceTest(_X64TestCase):
       float(helpers.layer_loss(iterates[-1], batch)), 0.8 * float(helpers.layer_loss(params, batch))
     )
 
-  @parameterized.named_parameters(*_NAMES)
-  def test_jit_no_retrace_with_new_hyperparams(self, name):
-    opt = _OPTIMIZERS[name][0]()
-    params = helpers.layer_params()
-    grads = helpers.grad_sequence(2)
+  @parameterized.named_parameters(*_names())
+  def test_overrides_equal_construction_and_jit_does_not_retrace(self, name):
+    entry = OPTIMIZERS[name]
+    opt = entry.make()
+    self.assertContainsSubset(set(entry.overrides), set(opt.hyperparams))
+    overrides = _array_overrides(entry)
+    params, grads = helpers.layer_params(), helpers.grad_sequence(2)
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -137,25 +96,26 @@ class ConformanceTest(_X64TestCase):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def update(g, s, p, hp):
-      return opt.update(g, s, p, hyperparams=hp)
+      return opt.update(g, s, p, hyperparams=hp, unknown_extra_arg=1.0)
 
     state = init(params)
     init(jax.tree.map(lambda x: x + 1, params))
     chex.assert_trees_all_equal_structs(state, opt.init(params))
     chex.assert_trees_all_close(state, opt.init(params), **helpers.TIGHT)
 
-    hp1 = {k: jnp.asarray(v) for k, v in opt.hyperparams.items() if not callable(v)}
-    hp2 = {k: 0.9 * v for k, v in hp1.items()}
-    _, s1 = update(grads[0], state, params, hp1)
+    # Defaults as arrays, then new values: one trace.
+    hp0 = {k: jnp.asarray(v) for k, v in opt.hyperparams.items() if not callable(v)}
+    _, s1 = update(grads[0], state, params, hp0)
     chex.assert_trees_all_equal_shapes_and_dtypes(s1, state)
-    u2, s2 = update(grads[1], s1, params, hp2)  # New values, same types: no retrace.
-    chex.assert_trees_all_close(
-      (u2, s2), opt.update(grads[1], s1, params, hyperparams=hp2), **helpers.TIGHT
-    )
+    hp1 = {**hp0, **{k: jnp.asarray(v) for k, v in overrides.items()}}
+    u2, s2 = update(grads[1], s1, params, hp1)
+    ref = entry.stock(**overrides)
+    _, r1 = entry.stock().update(grads[0], ref.init(params), params)
+    chex.assert_trees_all_close((u2, s2), ref.update(grads[1], r1, params), **helpers.TIGHT)
 
-  @parameterized.named_parameters(*_NAMES)
+  @parameterized.named_parameters(*_names())
   def test_unknown_extra_args_are_ignored(self, name):
-    opt = _OPTIMIZERS[name][0]()
+    opt = OPTIMIZERS[name].make()
     params = helpers.layer_params()
     grads = helpers.grad_sequence(1)[0]
     state = opt.init(params)
@@ -164,59 +124,74 @@ class ConformanceTest(_X64TestCase):
     chex.assert_trees_all_close(actual, expected, **helpers.TIGHT)
 
   @parameterized.named_parameters(
-    *helpers.named_product(name=_OPTIMIZERS, wrapper=("chain", "multi_steps"))
+    *helpers.named_product(name=OPTIMIZERS, wrapper=("chain", "multi_steps", "inject_hyperparams"))
   )
   def test_inside_optax_wrappers(self, name, wrapper):
-    make, make_ref = _OPTIMIZERS[name]
+    entry = OPTIMIZERS[name]
     params, batch = helpers.layer_params(), helpers.layer_batch()
     if wrapper == "chain":
       wrap = lambda t: optax.chain(optax.clip(1.0), t, optax.scale(0.5))
-      iterates, state = helpers.run(wrap(make()), params, batch, 3)
-      ref_iterates, ref_state = helpers.run(wrap(make_ref()), params, batch, 3)
-    else:  # MultiSteps branches with lax.cond: jit it.
+      iterates, state = helpers.run(wrap(entry.make()), params, batch, 3)
+      ref_iterates, ref_state = helpers.run(wrap(entry.stock()), params, batch, 3)
+    elif wrapper == "multi_steps":  # MultiSteps branches with lax.cond: jit it.
       wrap = lambda t: optax.MultiSteps(t, every_k_schedule=2)
       (iterates, state), (ref_iterates, ref_state) = helpers.run_pair(
-        wrap(make()), wrap(make_ref()), params, batch, 4
+        wrap(entry.make()), wrap(entry.stock()), params, batch, 4
       )
       chex.assert_trees_all_close(iterates[0], params, **helpers.TIGHT)  # Accumulating.
       self.assertFalse(np.allclose(iterates[1]["w"], params["w"]))
+    else:
+      inject = functools.partial(optax.inject_hyperparams, static_args=entry.static_args)
+      opt = inject(entry.make_fn)(**entry.kwargs)
+      ref = inject(entry.stock_fn)(**entry.kwargs)
+      p, s, rp, rs = params, opt.init(params), params, ref.init(params)
+      self.assertEqual(jax.tree.structure(s), jax.tree.structure(rs))
+      iterates, ref_iterates = [], []
+      for i in range(3):
+        if i == 1 and not callable(entry.kwargs[entry.rate]):
+          # Change the learning rate mid-run, the inject_hyperparams way.
+          lr = jnp.asarray(0.5 * entry.kwargs[entry.rate])
+          s.hyperparams[entry.rate], rs.hyperparams[entry.rate] = lr, lr
+        p, s = helpers.step(opt, p, s, batch)
+        rp, rs = helpers.step(ref, rp, rs, batch)
+        iterates.append(p)
+        ref_iterates.append(rp)
+      state, ref_state = s, rs
     chex.assert_trees_all_close(iterates, ref_iterates, **helpers.TIGHT)
     chex.assert_trees_all_close(state, ref_state, **helpers.TIGHT)
 
-  @parameterized.named_parameters(*helpers.named_product(name=_OPTIMIZERS, dtype=helpers.DTYPES))
+  @parameterized.named_parameters(*helpers.named_product(name=OPTIMIZERS, dtype=helpers.DTYPES))
   def test_dtype_preserved(self, name, dtype):
-    make, make_ref = _OPTIMIZERS[name]
+    entry = OPTIMIZERS[name]
     dtype = helpers.DTYPES[dtype]
     params = helpers.layer_params(dtype)
     grads = helpers.grad_sequence(1, dtype)[0]
 
     def two_steps(opt):
-      state = opt.init(params)
-      updates, state = opt.update(grads, state, params)
+      _, state = opt.update(grads, opt.init(params), params)
       return opt.update(grads, state, params)
 
     # Abstract evaluation: exact dtypes, no compilation.
-    out = jax.eval_shape(functools.partial(two_steps, make()))
-    ref_out = jax.eval_shape(functools.partial(two_steps, make_ref()))
+    out = jax.eval_shape(functools.partial(two_steps, entry.make()))
+    ref_out = jax.eval_shape(functools.partial(two_steps, entry.stock()))
+    spec = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    # The same shapes and dtypes as stock optax ...
+    self.assertEqual(jax.tree.structure(out), jax.tree.structure(ref_out))
+    self.assertEqual(spec(out), spec(ref_out))
     updates, state = out
+    self.assertEqual(spec(state), spec(jax.eval_shape(entry.make().init, params)))
+    if entry.stock_promotes_dtype:
+      return  # ... which promotes some state (Adafactor's float32 momentum).
+    # ... and bf16 stays bf16.
     for leaf in jax.tree.leaves(updates):
       self.assertEqual(leaf.dtype, dtype)
     for leaf in jax.tree.leaves(state):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         self.assertEqual(leaf.dtype, dtype)
-    self.assertEqual(jax.tree.structure(out), jax.tree.structure(ref_out))
-    self.assertEqual(
-      jax.tree.map(lambda x: (x.shape, x.dtype), out),
-      jax.tree.map(lambda x: (x.shape, x.dtype), ref_out),
-    )
-    self.assertEqual(
-      jax.tree.map(lambda x: (x.shape, x.dtype), state),
-      jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(make().init, params)),
-    )
 
-  @parameterized.named_parameters(*_NAMES)
+  @parameterized.named_parameters(*_names())
   def test_state_through_scan_and_cond(self, name):
-    opt = _OPTIMIZERS[name][0]()
+    opt = OPTIMIZERS[name].make()
     params, batch = helpers.layer_params(), helpers.layer_batch()
     state0 = opt.init(params)
     preds = (True, False, True)
@@ -239,27 +214,31 @@ class ConformanceTest(_X64TestCase):
       p = optax.apply_updates(p, u)
     chex.assert_trees_all_close((p_scan, s_scan), (p, s), **helpers.TIGHT)
 
-  @parameterized.named_parameters(*_NAMES)
+  @parameterized.named_parameters(*_names())
   def test_flax_nnx_optimizer(self, name):
-    make, make_ref = _OPTIMIZERS[name]
+    entry = OPTIMIZERS[name]
     x, y = helpers.layer_batch()
 
     def loss_fn(model):
       return jnp.mean((jnp.tanh(model(x)) - y) ** 2)
 
-    def train(tx):
+    def train(tx, **kwargs):
       model = nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
       optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
       for _ in range(3):
-        optimizer.update(model, nnx.grad(loss_fn)(model))  # flax >= 0.11 signature.
+        optimizer.update(model, nnx.grad(loss_fn)(model), **kwargs)  # flax >= 0.11 signature.
       return nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer
 
-    params, optimizer = train(make())
-    ref_params, ref_optimizer = train(make_ref())
+    params, optimizer = train(entry.make())
+    ref_params, ref_optimizer = train(entry.stock())
     chex.assert_trees_all_close(params, ref_params, **helpers.TIGHT)
     self.assertEqual(
       jax.tree.structure(nnx.as_pure(optimizer.opt_state)),
       jax.tree.structure(nnx.as_pure(ref_optimizer.opt_state)),
+    )
+    overridden, _ = train(entry.make(), hyperparams=entry.overrides)
+    chex.assert_trees_all_close(
+      overridden, train(entry.stock(**entry.overrides))[0], **helpers.TIGHT
     )
 
   def test_flax_nnx_optimizer_passes_hyperparams(self):
@@ -296,71 +275,9 @@ class ConformanceTest(_X64TestCase):
 # 4 (continued): optax.inject_hyperparams around the mixflow_optax factories.
 # ---------------------------------------------------------------------------
 
-
-class InjectHyperparamsTest(_X64TestCase):
-  @parameterized.named_parameters(
-    ("sgd", T.sgd, optax.sgd, {"learning_rate": 0.1}),
-    ("sgd_momentum", T.sgd, optax.sgd, {"learning_rate": 0.1, "momentum": 0.9}),
-    ("adam", T.adam, optax.adam, {"learning_rate": 0.1}),
-    ("adamw", T.adamw, optax.adamw, {"learning_rate": 0.1, "weight_decay": 0.1}),
-    ("rmsprop", T.rmsprop, optax.rmsprop, {"learning_rate": 0.01, "momentum": 0.5}),
-  )
-  def test_matches_optax(self, factory, ref_factory, kwargs):
-    opt = optax.inject_hyperparams(factory)(**kwargs)
-    ref = optax.inject_hyperparams(ref_factory)(**kwargs)
-    params, batch = helpers.layer_params(), helpers.layer_batch()
-    p, s, rp, rs = params, opt.init(params), params, ref.init(params)
-    self.assertEqual(jax.tree.structure(s), jax.tree.structure(rs))
-    for i in range(3):
-      if i == 1:  # Change a hyperparameter mid-run, the inject_hyperparams way.
-        s.hyperparams["learning_rate"] = jnp.asarray(0.5 * kwargs["learning_rate"])
-        rs.hyperparams["learning_rate"] = jnp.asarray(0.5 * kwargs["learning_rate"])
-      p, s = helpers.step(opt, p, s, batch)
-      rp, rs = helpers.step(ref, rp, rs, batch)
-      chex.assert_trees_all_close((p, s), (rp, rs), **helpers.TIGHT)
-
-
 # ---------------------------------------------------------------------------
-# 8: reparameterised use: hyperparams= overrides, per-parameter values, grads.
+# Reparameterised use: hyperparams= overrides, per-parameter values.
 # ---------------------------------------------------------------------------
-
-# name -> (factory taking hyperparameters as keyword arguments, overrides).
-_OVERRIDE_CASES = {
-  "sgd": (lambda **kw: T.sgd(**{"learning_rate": 0.1, **kw}), {"learning_rate": 0.03}),
-  "sgd_nesterov": (
-    lambda **kw: T.sgd(**{"learning_rate": 0.1, "momentum": 0.9, **kw}, nesterov=True),
-    {"learning_rate": 0.03, "momentum": 0.5},
-  ),
-  "adam": (
-    lambda **kw: T.adam(**{"learning_rate": 0.1, **kw}),
-    {"learning_rate": 0.03, "b1": 0.8, "b2": 0.95, "eps": 1e-4, "eps_root": 1e-6},
-  ),
-  "adamw": (
-    lambda **kw: T.adamw(**{"learning_rate": 0.1, **kw}),
-    {"learning_rate": 0.03, "b2": 0.95, "weight_decay": 0.2},
-  ),
-  "rmsprop_momentum": (
-    lambda **kw: T.rmsprop(**{"learning_rate": 0.1, "momentum": 0.9, **kw}),
-    {"learning_rate": 0.03, "decay": 0.8, "eps": 1e-4, "momentum": 0.5},
-  ),
-  "rmsprop_centered": (
-    lambda **kw: T.rmsprop(**{"learning_rate": 0.1, **kw}, centered=True),
-    {"decay": 0.8, "eps": 1e-4},
-  ),
-  "adam_schedule": (
-    lambda **kw: T.adam(**{"learning_rate": _SCHEDULE, **kw}),
-    {"learning_rate": 0.03, "b1": 0.8},
-  ),
-}
-
-# Optimizers whose update is linear in a final learning rate.
-_LR_LAST = {
-  "sgd_momentum": lambda: T.sgd(0.1, momentum=0.9),
-  "adam": lambda: T.adam(0.1),
-  "adamw": lambda: T.adamw(0.1, weight_decay=0.1),
-  "rmsprop_momentum": lambda: T.rmsprop(0.1, momentum=0.9),
-  "mfo_clip_adam": lambda: T.chain(T.clip_by_global_norm(1.0), T.adam(0.1)),
-}
 
 
 class ReparamTest(_X64TestCase):
@@ -384,40 +301,49 @@ class ReparamTest(_X64TestCase):
       ["decay", "eps", "learning_rate", "momentum"],
     )
 
-  @parameterized.named_parameters(*((n, n) for n in _OVERRIDE_CASES))
+  @parameterized.named_parameters(*_names())
   def test_override_equals_construction(self, name):
-    factory, overrides = _OVERRIDE_CASES[name]
+    entry = OPTIMIZERS[name]
+    overrides = entry.overrides
     grads_seq = helpers.grad_sequence()
-    expected = helpers.updates_for(factory(**overrides), grads_seq)
-    actual = helpers.updates_for(factory(), grads_seq, hyperparams=overrides)
+    expected = helpers.updates_for(entry.make(**overrides), grads_seq)
+    actual = helpers.updates_for(entry.make(), grads_seq, hyperparams=overrides)
     chex.assert_trees_all_close(actual, expected, **helpers.TIGHT)
     as_arrays = {k: jnp.asarray(v) for k, v in overrides.items()}  # Scalar jnp arrays.
     chex.assert_trees_all_close(
-      helpers.updates_for(factory(), grads_seq, hyperparams=as_arrays), expected, **helpers.TIGHT
+      helpers.updates_for(entry.make(), grads_seq, hyperparams=as_arrays),
+      expected,
+      **helpers.TIGHT,
     )
     # Omitted names keep their defaults; the defaults are not mutated.
     chex.assert_trees_all_close(
-      helpers.updates_for(factory(), grads_seq, hyperparams={}),
-      helpers.updates_for(factory(), grads_seq),
+      helpers.updates_for(entry.make(), grads_seq, hyperparams={}),
+      helpers.updates_for(entry.make(), grads_seq),
       **helpers.TIGHT,
     )
 
-  @parameterized.named_parameters(*((n, n) for n in _LR_LAST))
-  def test_per_parameter_learning_rate(self, name):
-    opt = _LR_LAST[name]()
+  @parameterized.named_parameters(*_names(lambda opt: opt.leafwise))
+  def test_per_parameter_values_equal_separate_runs(self, name):
+    entry = OPTIMIZERS[name]
+    opt = entry.make()
+    # Scalars-only hyperparameters (a global clipping norm) stay scalars.
+    values = {k: v for k, v in _array_overrides(entry).items() if k not in entry.global_hyperparams}
+    self.assertNotEmpty(values)
     grads_seq = helpers.grad_sequence()
-    mixed = helpers.updates_for(
-      opt, grads_seq, hyperparams={"learning_rate": {"w": 0.1, "b": 0.02}}
-    )
-    all_w = helpers.updates_for(opt, grads_seq, hyperparams={"learning_rate": 0.1})
-    all_b = helpers.updates_for(opt, grads_seq, hyperparams={"learning_rate": 0.02})
-    for u, uw, ub in zip(mixed, all_w, all_b):
+    # "w" takes the overrides, "b" the defaults.
+    mixed = {k: {"w": v, "b": opt.hyperparams[k]} for k, v in values.items()}
+    u_mixed = helpers.updates_for(opt, grads_seq, hyperparams=mixed)
+    u_w = helpers.updates_for(opt, grads_seq, hyperparams=values)
+    u_b = helpers.updates_for(opt, grads_seq)
+    for u, uw, ub in zip(u_mixed, u_w, u_b):
       chex.assert_trees_all_close(u["w"], uw["w"], **helpers.TIGHT)
       chex.assert_trees_all_close(u["b"], ub["b"], **helpers.TIGHT)
+    # Not vacuous (Muon's adam_* hyperparameters act on the vectors only).
+    self.assertFalse(all(np.allclose(u_w[-1][k], u_b[-1][k]) for k in ("w", "b")))
 
-  @parameterized.named_parameters(*((n, n) for n in _LR_LAST))
+  @parameterized.named_parameters(*_names(lambda opt: opt.per_element_rates))
   def test_per_element_learning_rate(self, name):
-    opt = _LR_LAST[name]()
+    opt = OPTIMIZERS[name].make()
     # Fixed gradients and parameters: every update is linear in the final
     # learning rate, element by element.
     grads_seq = helpers.grad_sequence()
@@ -474,35 +400,100 @@ class ReparamTest(_X64TestCase):
         if jnp.issubdtype(leaf.dtype, jnp.floating):
           self.assertEqual(leaf.dtype, jnp.float32)
 
+  def test_trust_ratio_and_block_rms_reject_per_element_values(self):
+    params, g = helpers.layer_params(), helpers.grad_sequence(1)[0]
+    for opt, hp in (
+      (T.scale_by_trust_ratio(), {"trust_coefficient": {"w": jnp.ones((3, 2)), "b": 1.0}}),
+      (T.clip_by_block_rms(1.0), {"threshold": {"w": jnp.ones((3, 2)), "b": 1.0}}),
+      (
+        T.scale_by_factored_rms(min_dim_size_to_factor=2),
+        {"decay_rate": {"w": jnp.full((3, 2), 0.8), "b": 0.8}},
+      ),
+    ):
+      with self.assertRaisesRegex(ValueError, "scalar"):
+        opt.update(g, opt.init(params), params, hyperparams=hp)
 
-# name -> (factory, hyperparameter, value).
+
+# ---------------------------------------------------------------------------
+# Gradients with respect to hyperparameters, against central finite differences.
+# ---------------------------------------------------------------------------
+
+
+def _entry(name, **kwargs):
+  """A registry entry's factory with construction changes (e.g. a larger eps)."""
+  return functools.partial(OPTIMIZERS[name].make, **kwargs)
+
+
+# name -> (factory, hyperparameter, value, finite-difference step relative to value, rtol).
 _FD_CASES = (
-  ("adam_learning_rate", lambda: T.adam(0.1, eps=1e-3), "learning_rate", 0.1),
-  ("adam_b1", lambda: T.adam(0.1, eps=1e-3), "b1", 0.9),
-  ("adam_b2", lambda: T.adam(0.1, eps=1e-3), "b2", 0.99),
-  ("adam_eps", lambda: T.adam(0.1, eps=1e-3), "eps", 1e-3),
-  ("adam_nesterov_b1", lambda: T.adam(0.1, eps=1e-3, nesterov=True), "b1", 0.9),
-  ("rmsprop_learning_rate", lambda: T.rmsprop(0.1, eps=1e-3), "learning_rate", 0.1),
-  ("rmsprop_decay", lambda: T.rmsprop(0.1, eps=1e-3), "decay", 0.9),
-  ("rmsprop_eps", lambda: T.rmsprop(0.1, eps=1e-3), "eps", 1e-3),
-  ("rmsprop_centered_decay", lambda: T.rmsprop(0.1, centered=True), "decay", 0.9),
-  ("sgd_momentum", lambda: T.sgd(0.1, momentum=0.9), "momentum", 0.9),
-  ("sgd_nesterov_momentum", lambda: T.sgd(0.1, momentum=0.9, nesterov=True), "momentum", 0.9),
-  ("adamw_weight_decay", lambda: T.adamw(0.1, weight_decay=0.1), "weight_decay", 0.1),
+  ("adam_learning_rate", _entry("adam", learning_rate=0.1, eps=1e-3), "learning_rate", 0.1),
+  ("adam_beta_one", _entry("adam", learning_rate=0.1, eps=1e-3), "b1", 0.9),
+  ("adam_beta_two", _entry("adam", learning_rate=0.1, eps=1e-3), "b2", 0.99),
+  ("adam_eps", _entry("adam", learning_rate=0.1, eps=1e-3), "eps", 1e-3),
+  ("adam_nesterov_beta_one", _entry("adam", learning_rate=0.1, eps=1e-3, nesterov=True), "b1", 0.9),
+  ("rmsprop_learning_rate", _entry("rmsprop", learning_rate=0.1, eps=1e-3), "learning_rate", 0.1),
+  ("rmsprop_decay", _entry("rmsprop", learning_rate=0.1, eps=1e-3), "decay", 0.9),
+  ("rmsprop_eps", _entry("rmsprop", learning_rate=0.1, eps=1e-3), "eps", 1e-3),
+  ("rmsprop_centered_decay", _entry("rmsprop_centered", learning_rate=0.1), "decay", 0.9),
+  ("sgd_momentum", _entry("sgd_momentum", learning_rate=0.1), "momentum", 0.9),
+  ("sgd_nesterov_momentum", _entry("sgd_nesterov", learning_rate=0.1), "momentum", 0.9),
+  ("adamw_weight_decay", _entry("adamw", learning_rate=0.1), "weight_decay", 0.1),
   # The fixed gradients have global norm ~3: clipping active at 1, inactive at 10.
-  ("clip_active", lambda: T.chain(T.clip_by_global_norm(1.0), T.sgd(0.1)), "max_norm", 1.0),
+  ("clip_active", _entry("mfo_clip_sgd", learning_rate=0.1), "max_norm", 1.0),
+  ("clip_inactive", _entry("mfo_clip_sgd", learning_rate=0.1), "max_norm", 10.0),
   (
-    "clip_inactive",
-    lambda: T.chain(T.clip_by_global_norm(1.0), T.sgd(0.1)),
-    "max_norm",
-    10.0,
+    "lion_learning_rate",
+    _entry("lion", learning_rate=0.1, weight_decay=1e-3),
+    "learning_rate",
+    0.1,
   ),
+  ("lion_weight_decay", _entry("lion", learning_rate=0.1), "weight_decay", 0.1),
+  # The differentiable surrogate of Lion's sign (a building block, not an alias).
+  (
+    "lion_smooth_beta_one",
+    lambda: T.chain(T.scale_by_lion(mode="smooth"), T.scale(0.1)),
+    "b1",
+    0.9,
+  ),
+  ("nadam_beta_one", _entry("nadam", learning_rate=0.1, eps=1e-3), "b1", 0.9),
+  ("nadam_beta_two", _entry("nadam", learning_rate=0.1, eps=1e-3), "b2", 0.99),
+  ("adabelief_beta_one", _entry("adabelief", learning_rate=0.1, eps=1e-3), "b1", 0.9),
+  ("adabelief_beta_two", _entry("adabelief", learning_rate=0.1, eps=1e-3), "b2", 0.99),
+  ("adabelief_eps_root", _entry("adabelief", learning_rate=0.1, eps=1e-3), "eps_root", 1e-3),
+  ("amsgrad_beta_two", _entry("amsgrad", learning_rate=0.1, eps=1e-3), "b2", 0.99),
+  ("amsgrad_eps", _entry("amsgrad", learning_rate=0.1, eps=1e-3), "eps", 1e-3),
+  ("adagrad_eps", _entry("adagrad", learning_rate=0.1), "eps", 1e-2),
+  # Adafactor's decay schedule runs in float32 (as in optax), whatever the dtype of decay_rate:
+  # differences need a larger step and a looser tolerance.
+  ("adafactor_decay_rate", _entry("adafactor", learning_rate=0.1), "decay_rate", 0.8, 1e-3, 2e-3),
+  (
+    "adafactor_clipping",  # The fixed gradients make the unit-RMS clip active.
+    _entry("adafactor", learning_rate=0.1, clipping_threshold=0.5),
+    "clipping_threshold",
+    0.5,
+  ),
+  (
+    "adafactor_momentum",
+    _entry(
+      "adafactor",
+      learning_rate=0.1,
+      min_dim_size_to_factor=128,
+      momentum=0.5,
+      dtype_momentum=jnp.float64,
+    ),
+    "momentum",
+    0.5,
+  ),
+  ("lamb_beta_one", _entry("lamb", learning_rate=0.1, eps=1e-3, weight_decay=0.0), "b1", 0.9),
+  ("lamb_weight_decay", _entry("lamb", learning_rate=0.1), "weight_decay", 0.1),
+  ("muon_beta", _entry("muon", learning_rate=0.1), "beta", 0.9),
+  ("muon_weight_decay", _entry("muon", learning_rate=0.1, weight_decay=0.1), "weight_decay", 0.1),
 )
 
 
 class HyperparamGradientTest(_X64TestCase):
   @parameterized.named_parameters(*_FD_CASES)
-  def test_grad_matches_finite_differences(self, make, name, value):
+  def test_grad_matches_finite_differences(self, make, name, value, step=1e-6, rtol=1e-6):
     opt = make()
     grads_seq = helpers.grad_sequence()
 
@@ -510,13 +501,24 @@ class HyperparamGradientTest(_X64TestCase):
       return helpers.weighted_sum(helpers.updates_for(opt, grads_seq, hyperparams={name: h}))
 
     grad = jax.grad(f)(jnp.asarray(value))
-    fd = helpers.central_fd(f, value, 1e-6 * value)
+    fd = helpers.central_fd(f, jnp.asarray(value), step * value)
     self.assertTrue(np.isfinite(grad))
-    np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(grad, fd, rtol=rtol, atol=1e-9)
     if name == "max_norm" and value > 5:
       self.assertEqual(float(grad), 0.0)  # Inactive clipping: no dependence.
     else:
       self.assertGreater(abs(float(grad)), 1e-6)  # Not vacuous.
+
+  def test_lion_sign_has_zero_derivative_in_b1_b2(self):
+    opt = OPTIMIZERS["lion"].make(learning_rate=0.1)
+    grads_seq = helpers.grad_sequence()
+    for name in ("b1", "b2"):
+      grad = jax.grad(
+        lambda h, name=name: helpers.weighted_sum(
+          helpers.updates_for(opt, grads_seq, hyperparams={name: h})
+        )
+      )(jnp.asarray(0.9))
+      self.assertEqual(float(grad), 0.0)
 
   def test_grad_of_per_parameter_learning_rates(self):
     opt = T.adam(0.1)
@@ -553,7 +555,7 @@ class HyperparamGradientTest(_X64TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 9: errors and namespacing.
+# Errors and namespacing.
 # ---------------------------------------------------------------------------
 
 
@@ -598,7 +600,7 @@ class ErrorsTest(_X64TestCase):
     with self.assertRaises(TypeError):
       self._update(T.adam(0.1), hyperparams=[("learning_rate", 0.1)])
     with self.assertRaises(TypeError):  # Schedules only as the constructor's rate.
-      self._update(T.sgd(0.1), hyperparams={"learning_rate": _SCHEDULE})
+      self._update(T.sgd(0.1), hyperparams={"learning_rate": registry.SCHEDULE})
     with self.assertRaisesRegex(ValueError, "scalar"):
       self._update(T.clip_by_global_norm(1.0), hyperparams={"max_norm": jnp.ones(2)})
     with self.assertRaises(ValueError):  # add_decayed_weights needs params.
@@ -641,47 +643,38 @@ class ErrorsTest(_X64TestCase):
 
 
 # ---------------------------------------------------------------------------
-# 10: the zero-gradient trap.
+# The zero-gradient trap: exact and finite where stock autodiff gives NaN.
 # ---------------------------------------------------------------------------
 
-# name -> (mixflow_optax factory of lr, stock optax factory of lr).
-_TRAP_OPTIMIZERS = {
-  "adam": (
-    lambda lr, eps=1e-8: T.adam(lr, eps=eps),
-    lambda lr, eps=1e-8: optax.adam(lr, eps=eps),
-  ),
-  "adamw": (
-    lambda lr, eps=1e-8: T.adamw(lr, eps=eps, weight_decay=0.1),
-    lambda lr, eps=1e-8: optax.adamw(lr, eps=eps, weight_decay=0.1),
-  ),
-  "rmsprop_eps_outside_sqrt": (
-    lambda lr, eps=1e-8: T.rmsprop(lr, eps=eps, eps_in_sqrt=False),
-    lambda lr, eps=1e-8: optax.rmsprop(lr, eps=eps, eps_in_sqrt=False),
-  ),
-  "clip_sgd": (
-    lambda lr, eps=None: T.chain(T.clip_by_global_norm(1.0), T.sgd(lr)),
-    lambda lr, eps=None: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(lr)),
-  ),
+# name -> (registry entry, construction changes, zero patterns for which plain autodiff through
+# stock optax gives a NaN learning-rate meta-gradient). zeros="some": one dead input, so a row of
+# the weight gradient is exactly 0 at every step; "all": every gradient is exactly 0.
+_TRAP_CASES = {
+  "adam": ("adam", {}, ("some", "all")),
+  "adamw": ("adamw", {}, ("some", "all")),
+  "rmsprop_eps_outside_sqrt": ("rmsprop", {"eps_in_sqrt": False}, ("some", "all")),
+  # The global norm is positive unless every entry is 0.
+  "clip_sgd": ("mfo_clip_sgd", {}, ("all",)),
+  "nadam": ("nadam", {}, ("some", "all")),
+  "adabelief_eps_root_zero": ("adabelief", {"eps": 1e-8, "eps_root": 0.0}, ("some", "all")),
+  "amsgrad": ("amsgrad", {}, ("some", "all")),
+  "adagrad_no_initial_accumulator": ("adagrad", {"initial_accumulator_value": 0.0}, ()),
+  "adafactor": ("adafactor", {}, ("all",)),
+  "lamb": ("lamb", {"weight_decay": 0.0}, ("some", "all")),
+  "lion": ("lion", {"weight_decay": 1e-3}, ()),
+  "muon": ("muon", {}, ("all",)),
 }
-# Where plain autodiff of stock optax gives NaN: everywhere except clipping
-# with only some zero entries (the global norm is then positive).
-_STOCK_LR_GRAD_IS_NAN = {
-  ("adam", "some"),
-  ("adam", "all"),
-  ("adamw", "some"),
-  ("adamw", "all"),
-  ("rmsprop_eps_outside_sqrt", "some"),
-  ("rmsprop_eps_outside_sqrt", "all"),
-  ("clip_sgd", "all"),
-}
+# d(updates)/d(gradients) at zero entries: eps=1e-3 keeps the (finite, 1/eps-sized) derivative at
+# zero entries within reach of central differences.
+_GRADIENT_INPUT_CASES = ("adam", "adamw", "rmsprop_eps_outside_sqrt", "clip_sgd")
 
 
 class ZeroGradientTest(_X64TestCase):
-  @parameterized.named_parameters(
-    *helpers.named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all"))
-  )
+  @parameterized.named_parameters(*helpers.named_product(name=_TRAP_CASES, zeros=("some", "all")))
   def test_meta_gradient_wrt_learning_rate(self, name, zeros):
-    make, make_ref = _TRAP_OPTIMIZERS[name]
+    entry, kwargs, stock_nan = _TRAP_CASES[name]
+    make = lambda lr: OPTIMIZERS[entry].make(learning_rate=lr, **kwargs)
+    make_ref = lambda lr: OPTIMIZERS[entry].stock(learning_rate=lr, **kwargs)
     params, batch = helpers.layer_params(), helpers.layer_batch(zeros=zeros)
     if zeros == "all":
       params["b"] = jnp.zeros_like(params["b"])
@@ -705,21 +698,21 @@ class ZeroGradientTest(_X64TestCase):
     np.testing.assert_allclose(grad, helpers.central_fd(f, lr, 1e-6), rtol=1e-6, atol=1e-10)
     if zeros == "some":
       self.assertGreater(abs(float(grad)), 1e-3)  # Not vacuous.
-    if (name, zeros) in _STOCK_LR_GRAD_IS_NAN:
+    if zeros in stock_nan:
       self.assertTrue(np.isnan(ref_grad), msg="stock optax no longer gives NaN here")
     else:
       np.testing.assert_allclose(grad, ref_grad, rtol=1e-8)
 
   @parameterized.named_parameters(
-    *helpers.named_product(name=_TRAP_OPTIMIZERS, zeros=("some", "all"))
+    *helpers.named_product(name=_GRADIENT_INPUT_CASES, zeros=("some", "all"))
   )
   def test_gradient_wrt_gradient_input(self, name, zeros):
     """d(updates)/d(gradients) at gradients with exactly-zero entries."""
-    make, make_ref = _TRAP_OPTIMIZERS[name]
-    # eps=1e-3 keeps the (finite, 1/eps-sized) derivative at zero entries
-    # within reach of central differences.
-    make = functools.partial(make, eps=1e-3)
-    make_ref = functools.partial(make_ref, eps=1e-3)
+    entry, kwargs, _ = _TRAP_CASES[name]
+    if name != "clip_sgd":
+      kwargs = {**kwargs, "eps": 1e-3}
+    make = lambda lr: OPTIMIZERS[entry].make(learning_rate=lr, **kwargs)
+    make_ref = lambda lr: OPTIMIZERS[entry].stock(learning_rate=lr, **kwargs)
     g = helpers.grad_sequence(1)[0]
     if zeros == "some":
       g = {"w": g["w"].at[1].set(0.0), "b": g["b"].at[0].set(0.0)}
@@ -764,28 +757,87 @@ class ZeroGradientTest(_X64TestCase):
     self.assertTrue(_has_nan(jax.grad(lambda x: (0 * jnp.sqrt(x)).sum())(x)))
 
 
+# ---------------------------------------------------------------------------
+# stop_gradient_denominator: same trajectory, different (approximate) meta-gradient.
+# ---------------------------------------------------------------------------
+
+
+def _adam_with_stopped_denominator(lr, params, batch, steps, b1=0.9, b2=0.999, eps=1e-8):
+  """Adam written out, with the denominator under lax.stop_gradient (the reference)."""
+  m = jax.tree.map(jnp.zeros_like, params)
+  v = jax.tree.map(jnp.zeros_like, params)
+  for t in range(1, steps + 1):
+    g = jax.grad(helpers.layer_loss)(params, batch)
+    m = jax.tree.map(lambda m, g: (1 - b1) * g + b1 * m, m, g)
+    v = jax.tree.map(lambda v, g: (1 - b2) * g**2 + b2 * v, v, g)
+    params = jax.tree.map(
+      lambda p, m, v: (
+        p - lr * (m / (1 - b1**t)) / (jnp.sqrt(jax.lax.stop_gradient(v / (1 - b2**t))) + eps)
+      ),
+      params,
+      m,
+      v,
+    )
+  return params
+
+
+class StopGradientDenominatorTest(helpers.F64TestCase):
+  @parameterized.named_parameters(*_names(lambda opt: opt.stop_gradient_denominator))
+  def test_same_trajectory_different_meta_gradient(self, name):
+    factory = lambda lr, **kw: OPTIMIZERS[name].make(learning_rate=lr, **kw)
+    params, batch = helpers.layer_params(), helpers.layer_batch()
+
+    def meta_loss(stop, lr):
+      iterates, state = helpers.run(factory(lr, stop_gradient_denominator=stop), params, batch, 3)
+      return helpers.layer_loss(iterates[-1], batch), (iterates, state)
+
+    (value, aux), grad = jax.value_and_grad(functools.partial(meta_loss, False), has_aux=True)(0.05)
+    (sg_value, sg_aux), sg_grad = jax.value_and_grad(
+      functools.partial(meta_loss, True), has_aux=True
+    )(0.05)
+    chex.assert_trees_all_close((sg_value, sg_aux), (value, aux), rtol=0, atol=0)
+    self.assertTrue(np.isfinite(sg_grad))
+    self.assertGreater(abs(float(sg_grad - grad)), 1e-6 * abs(float(grad)))
+
+  def test_adam_equals_written_out_reference(self):
+    params, batch = helpers.layer_params(), helpers.layer_batch()
+
+    def meta_loss(lr):
+      iterates, _ = helpers.run(T.adam(lr, stop_gradient_denominator=True), params, batch, 3)
+      return helpers.layer_loss(iterates[-1], batch)
+
+    ref = jax.grad(
+      lambda lr: helpers.layer_loss(_adam_with_stopped_denominator(lr, params, batch, 3), batch)
+    )
+    np.testing.assert_allclose(jax.grad(meta_loss)(0.05), ref(0.05), rtol=1e-10)
+
+  def test_finite_at_zero_gradients_without_safe_sqrt(self):
+    params, batch = helpers.layer_params(), helpers.layer_batch(zeros="some")
+
+    def meta_loss(lr):
+      iterates, _ = helpers.run(T.adam(lr, stop_gradient_denominator=True), params, batch, 3)
+      return helpers.layer_loss(iterates[-1], batch)
+
+    self.assertTrue(np.isfinite(jax.grad(meta_loss)(0.05)))
+
+
 class ListParamsTest(helpers.TestCase):
   def test_params_given_as_a_list_of_layers(self):
     """Lists are ordinary pytrees: state moments that are lists are not per-leaf columns."""
     params = [{"w": jnp.ones((2, 3))}, {"w": jnp.ones((3,)), "b": jnp.zeros(())}]
     grads = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p) + 0.01, params)
     mask = [{"w": True}, {"w": False, "b": True}]
-    pairs = [
-      (mfo.transforms.adam(0.1), optax.adam(0.1)),
-      (
-        mfo.transforms.sgd(0.1, momentum=0.9, nesterov=True),
-        optax.sgd(0.1, momentum=0.9, nesterov=True),
-      ),
-      (
-        mfo.transforms.rmsprop(0.1, momentum=0.9, centered=True),
-        optax.rmsprop(0.1, momentum=0.9, centered=True),
-      ),
-      (
-        mfo.transforms.adamw(0.1, weight_decay=0.1, mask=mask),
-        optax.adamw(0.1, weight_decay=0.1, mask=mask),
-      ),
-    ]
-    for ours, stock in pairs:
+    for name, kwargs in (
+      ("adam", {}),
+      ("sgd_nesterov", {}),
+      ("rmsprop_centered", {"momentum": 0.9}),
+      ("adamw_mask", {"mask": mask}),
+    ):
+      entry = OPTIMIZERS[name]
+      ours, stock = (
+        entry.make(learning_rate=0.1, **kwargs),
+        entry.stock(learning_rate=0.1, **kwargs),
+      )
       s1, s2 = ours.init(params), stock.init(params)
       for _ in range(2):
         u1, s1 = ours.update(grads, s1, params)

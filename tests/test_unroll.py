@@ -46,10 +46,12 @@ class UnrollTest(helpers.F64TestCase):
     chex.assert_trees_all_close(state, s, rtol=1e-12)
     np.testing.assert_allclose(losses, jnp.stack(want_losses), rtol=1e-12)
 
-  @parameterized.product(
-    mode=("mixflow", "standard"),
-    remat=(True, False),
-    save_inner_grads=(True, False),
+  @parameterized.named_parameters(
+    *helpers.named_grid(
+      mode={"mixflow": "mixflow", "standard": "standard"},
+      remat={"remat": True, "no_remat": False},
+      save_inner_grads={"saved_grads": True, "recomputed_grads": False},
+    )
   )
   def test_remat_options_do_not_change_meta_gradient(self, mode, remat, save_inner_grads):
     params, meta, batches = _problem()

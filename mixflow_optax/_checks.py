@@ -90,9 +90,12 @@ def check_meta_params(meta_params: Any) -> None:
 
 def check_hyperparam_values(hyperparams: dict[str, Any]) -> None:
   """``hyperparams_fn``'s values: real numbers or arrays (a string fails deep in NumPy,
-  a complex value would be cast to real with only a warning)."""
+  a complex value would be cast to real with only a warning). A callable is a schedule
+  (``count -> value``): the transforms that take one use it, the others say they do not."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(hyperparams):
     where = jax.tree_util.keystr(path)
+    if callable(leaf):
+      continue
     if not isinstance(leaf, _ARRAY_TYPES) or isinstance(leaf, complex):
       bad = describe(leaf)
     elif jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):

@@ -17,3 +17,25 @@ import os
 _FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=0"
 if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
+
+import warnings  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_x64(request):
+  """Every test and doctest starts and ends in JAX's default 32-bit mode.
+
+  Tests that need float64 enable it in a context (``helpers.F64TestCase``, the ``x64``
+  fixture). A test that leaves it on would silently change the dtypes of every later test in
+  the same worker; it is switched back and reported here.
+  """
+  before = jax.config.jax_enable_x64
+  yield
+  if jax.config.jax_enable_x64 != before:
+    jax.config.update("jax_enable_x64", before)
+    warnings.warn(f"{request.node.nodeid} left jax_enable_x64 changed; restored.", stacklevel=1)
+    print(f"\nX64-LEAK {request.node.nodeid}", flush=True)

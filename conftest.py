@@ -30,12 +30,14 @@ def _no_leaked_x64(request):
   """Every test and doctest starts and ends in JAX's default 32-bit mode.
 
   Tests that need float64 enable it in a context (``helpers.F64TestCase``, the ``x64``
-  fixture). A test that leaves it on would silently change the dtypes of every later test in
-  the same worker; it is switched back and reported here.
+  fixture). Float64 left on (by a test, or by a module that pytest imported while collecting
+  doctests) would silently change the dtypes of every later test in the same worker: it is
+  switched off and reported.
   """
-  before = jax.config.jax_enable_x64
-  yield
-  if jax.config.jax_enable_x64 != before:
-    jax.config.update("jax_enable_x64", before)
-    warnings.warn(f"{request.node.nodeid} left jax_enable_x64 changed; restored.", stacklevel=1)
-    print(f"\nX64-LEAK {request.node.nodeid}", flush=True)
+  for when in ("before", "after"):
+    if jax.config.jax_enable_x64:
+      jax.config.update("jax_enable_x64", False)
+      message = f"jax_enable_x64 was on {when} {request.node.nodeid}; switched off."
+      warnings.warn(message, stacklevel=1)
+    if when == "before":
+      yield

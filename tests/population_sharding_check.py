@@ -20,8 +20,6 @@ from jax.sharding import PartitionSpec as P
 
 import mixflow_optax as mfo
 
-jax.config.update("jax_enable_x64", True)
-
 MEMBERS, T = 4, 2
 
 
@@ -103,4 +101,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  # Here, not at import: pytest's --doctest-modules imports this file in the test session, where a
+  # module-level flip would turn on float64 for every later test of that worker.
+  jax.config.update("jax_enable_x64", True)
   main()

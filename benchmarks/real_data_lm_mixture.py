@@ -79,7 +79,15 @@ import numpy as np
 import optax
 
 import mixflow_optax as mfo
-from benchmarks.real_data_lm import Config, encode, init_params, logits_fn, tiled_windows, verdict
+from benchmarks.real_data_lm import (
+  Config,
+  Run,
+  encode,
+  init_params,
+  logits_fn,
+  tiled_windows,
+  verdict,
+)
 
 __all__ = [
   "Budget",
@@ -243,15 +251,6 @@ def domain_weights(logits: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------- training
-
-
-class Run(NamedTuple):
-  """One early-stopped training run."""
-
-  best_params: Any
-  best_valid: float
-  best_step: int
-  valid_curve: list[float]
 
 
 @functools.cache

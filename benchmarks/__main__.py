@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from benchmarks._bench import METHODS
+from benchmarks._bench import DEFAULT_COMPILATION_CACHE, METHODS, enable_compilation_cache
 from benchmarks._problems import ATTENTIONS, MODELS, OPTIMIZERS, TASKS, model_config
 from benchmarks._report import (
   check_targets,
@@ -200,6 +200,14 @@ def _parser() -> argparse.ArgumentParser:
     default=None,
     help="programs compiled in parallel (default: up to 2); timing never overlaps compiling",
   )
+  p.add_argument(
+    "--compilation-cache",
+    default=DEFAULT_COMPILATION_CACHE,
+    metavar="DIR",
+    help="JAX's persistent compilation cache: a repeat run loads the programs compiled before "
+    "instead of compiling them (its compile times are then load times); 'none' turns it off "
+    f"(default: {DEFAULT_COMPILATION_CACHE})",
+  )
   p.add_argument("--seed", type=int, default=0, help="PRNG seed (default: 0)")
   p.add_argument("--x64", action="store_true", help="run in float64 instead of float32")
   p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -229,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   _check_args(parser, args)
   suite = _selected_suite(parser, args)
   t0 = time.perf_counter()
+  cache = args.compilation_cache
+  cache = None if cache.lower() in ("", "none") else enable_compilation_cache(cache)
   meta = _run_metadata(args, argv, suite)
+  meta["compilation_cache"] = cache
 
   def save(phase, records, frontier):
     # Partial results survive an interrupted or failed run.
@@ -341,6 +352,11 @@ def _summary_text(result: SuiteResult, meta: dict[str, Any], suite_name: str) ->
     + ", ".join(f"{k} {v:.0f} s" for k, v in meta["phase_seconds"].items())
     + ")"
   )
+  if meta.get("compilation_cache"):
+    text += (
+      f"\npersistent compilation cache: {meta['compilation_cache']} (compile times of programs "
+      "compiled by an earlier run are load times; --compilation-cache none for cold compiles)"
+    )
   return text
 
 

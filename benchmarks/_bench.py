@@ -64,6 +64,7 @@ References:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +105,24 @@ METHODS: tuple[str, ...] = (
 
 #: The three methods every configuration of the suite measures.
 CORE_METHODS: tuple[str, ...] = ("standard", "standard_best", "mixflow")
+
+#: Where ``python -m benchmarks`` keeps compiled programs between runs (JAX's persistent
+#: compilation cache); ``--compilation-cache none`` turns it off.
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "jax_compilation")
+
+
+def enable_compilation_cache(cache_dir: str, min_compile_secs: float = 1.0) -> str:
+  """Turns on JAX's persistent compilation cache in ``cache_dir``; returns the expanded path.
+
+  Programs that took at least ``min_compile_secs`` to compile are written there and loaded
+  instead of recompiled by a later process with the same program, options and JAX version.
+  """
+  path = os.path.expanduser(cache_dir)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return path
+
 
 #: XLA options that cut CPU compile time several-fold (no LLVM optimisation,
 #: legacy fusion emitters) at the cost of slower code. The memory analysis is

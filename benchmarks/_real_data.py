@@ -78,25 +78,65 @@ def summarise(
     "baseline_mean": statistics.fmean(baseline),
     "baseline_std": statistics.pstdev(baseline),
     "compute_ratio": max(r["recipe_flops"] / r["baseline_flops"] for r in rows),
+    **paired(recipe, baseline, higher_is_better=higher_is_better),
     "verdict": verdict(recipe, baseline, higher_is_better=higher_is_better),
     "rows": rows,
   }
 
 
+def paired(
+  recipe: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool
+) -> dict[str, float | int]:
+  """Paired per-seed comparison: how many seeds the recipe is better on, and the mean gain.
+
+  ``gain_mean`` is the mean of the per-seed differences, signed so that positive favours the
+  recipe (recipe - baseline for a score, baseline - recipe for a loss); ``gain_se`` its standard
+  error (sample standard deviation / sqrt(seeds); 0 for one seed).
+  """
+  sign = 1.0 if higher_is_better else -1.0
+  gains = [sign * (r - b) for r, b in zip(recipe, baseline, strict=True)]
+  se = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else 0.0
+  return {
+    "better_seeds": sum(g > 0 for g in gains),
+    "gain_mean": statistics.fmean(gains),
+    "gain_se": se,
+  }
+
+
 def markdown_row(summary: dict) -> str:
   """One line of the real-data table for ``summary`` (see :func:`summarise`)."""
-  per_seed = ", ".join(f"{r['recipe']:.3f} vs {r['baseline']:.3f}" for r in summary["rows"])
+  hib = summary["higher_is_better"]
+  stats = (
+    summary
+    if "gain_mean" in summary
+    else paired(
+      [r["recipe"] for r in summary["rows"]],
+      [r["baseline"] for r in summary["rows"]],
+      higher_is_better=hib,
+    )
+  )
+  n = len(summary["rows"])
   return (
-    f"| {summary['task']} | {summary['metric']} | "
+    f"| {summary['task']} | {summary['metric']} ({'higher' if hib else 'lower'} is better) | "
     f"{summary['recipe_mean']:.3f} ± {summary['recipe_std']:.3f} | "
     f"{summary['baseline_mean']:.3f} ± {summary['baseline_std']:.3f} | "
-    f"{summary['compute_ratio']:.2f} | {per_seed} | **{summary['verdict']}** |"
+    f"{stats['gain_mean']:+.3f} ± {stats['gain_se']:.3f} | "
+    f"{stats['better_seeds']} of {n} | "
+    f"{summary['compute_ratio']:.2f} | **{summary['verdict']}** |"
   )
 
 
+def per_seed_table(summary: dict) -> str:
+  """The per-seed values behind one row of the table, as markdown."""
+  lines = ["| seed | recipe | tuned baseline |", "|---|---:|---:|"]
+  lines += [f"| {r['seed']} | {r['recipe']:.4f} | {r['baseline']:.4f} |" for r in summary["rows"]]
+  return "\n".join(lines)
+
+
 TABLE_HEADER = (
-  "| task | metric | recipe (mean ± std) | tuned baseline (mean ± std) | compute recipe/baseline "
-  "| per seed (recipe vs baseline) | verdict |\n|---|---|---:|---:|---:|---|---|"
+  "| task | metric | recipe (mean ± std) | tuned baseline (mean ± std) "
+  "| gain (mean ± s.e.) | recipe better on | compute recipe/baseline | verdict |\n"
+  "|---|---|---:|---:|---:|---|---:|---|"
 )
 
 
@@ -105,7 +145,9 @@ def write(name: str, summary: dict, out_dir: pathlib.Path = RESULTS_DIR) -> path
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / f"{name}.json"
   path.write_text(json.dumps(summary, indent=1, default=_jsonable) + "\n")
-  (out_dir / f"{name}.md").write_text(TABLE_HEADER + "\n" + markdown_row(summary) + "\n")
+  (out_dir / f"{name}.md").write_text(
+    TABLE_HEADER + "\n" + markdown_row(summary) + "\n\n" + per_seed_table(summary) + "\n"
+  )
   return path
 
 

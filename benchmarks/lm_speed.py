@@ -154,6 +154,8 @@ def _jax_worker(config: str, seq: int, cache_dir: str | None) -> None:
   import jax
 
   if cache_dir:
+    from benchmarks._bench import enable_compilation_cache
+
     enable_compilation_cache(cache_dir)
   fn, args, _ = _jax_program(config, seq)
   t0 = time.perf_counter()
@@ -172,15 +174,6 @@ def _jax_worker(config: str, seq: int, cache_dir: str | None) -> None:
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
-
-
-def enable_compilation_cache(cache_dir: str, min_compile_secs: float = 1.0) -> None:
-  """JAX's persistent compilation cache in ``cache_dir``, for programs slower than 1 s to compile."""
-  import jax
-
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 class _Worker:

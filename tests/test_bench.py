@@ -381,8 +381,22 @@ class BenchTest(helpers.TestCase):
     out = pathlib.Path(self.enter_context(tempfile.TemporaryDirectory())) / "out"
     argv = ["--suite", "tiny", "--experiments", "T,M", "--T", "4", "--models", "mlp"]
     argv += ["--reps", "1", "--fast-compile", "--no-progress", "--out", str(out)]
-    with contextlib.redirect_stdout(io.StringIO()) as stdout:
-      self.assertEqual(main(argv), 0)
+    argv += ["--compilation-cache", str(out.parent / "cache")]
+    saved = {
+      k: getattr(jax.config, k)
+      for k in (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+      )
+    }
+    try:
+      with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        self.assertEqual(main(argv), 0)
+      self.assertEqual(jax.config.jax_compilation_cache_dir, str(out.parent / "cache"))
+    finally:  # the cache setting is global: leave the other tests of this process without it
+      for k, v in saved.items():
+        jax.config.update(k, v)
     printed = stdout.getvalue()
     assert "== T ==" in printed and "== M ==" in printed and "targets" in printed
     with open(out / "results.json") as f:
@@ -396,6 +410,8 @@ class BenchTest(helpers.TestCase):
     with open(out / "run.json") as f:
       run = json.load(f)
     assert run["phase"] == "done" and run["suite"] == "tiny" and run["seconds"] > 0
+    assert run["compilation_cache"] == str(out.parent / "cache")
+    assert "persistent compilation cache: " in printed
     not_measured = [t["met"] is None for t in run["targets"]]
     assert not_measured == [False, True, False, False, True, True, True]
     with open(out / "table.txt") as f:

@@ -109,6 +109,11 @@ class ColabsTest(helpers.TestCase):
     ]
     assert len(importing) == 1, f"{len(importing)} code cells with top-level imports, expected 1"
     assert "import mixflow_optax as mfo" in importing[0].source
+    # The persistent compilation cache is on right after the imports, before anything compiles.
+    after = nb.cells[nb.cells.index(importing[0]) + 1]
+    assert after.cell_type == "code" and "jax_compilation_cache_dir" in after.source, (
+      "the cell after the imports turns on JAX's persistent compilation cache"
+    )
 
     assert any("# @param" in c.source for c in _code(nb)), "a `# @param` cell with small defaults"
     assert any("assert" in c.source for c in _code(nb)), "the notebook checks its claims"

@@ -36,7 +36,21 @@ class VerdictTest(helpers.TestCase):
     summary = _real_data.summarise("task", "accuracy", rows, higher_is_better=True)
     self.assertEqual(summary["verdict"], "wins")
     self.assertAlmostEqual(summary["compute_ratio"], 1.0 / 1.1)
-    self.assertIn("**wins**", _real_data.markdown_row(summary))
+    row = _real_data.markdown_row(summary)
+    self.assertIn("**wins**", row)
+    self.assertIn("| 2 of 3 |", row)
+    # Gains (0.1, 0.1, -0.02): mean 0.06, sample std 0.0693, s.e. 0.04.
+    self.assertIn("| +0.060 ± 0.040 |", row)
+    self.assertIn("| 2 | 0.9000 | 0.9200 |", _real_data.per_seed_table(summary))
+
+  def test_paired_gain_is_signed_so_positive_favours_the_recipe(self):
+    loss = _real_data.paired([1.0, 2.0], [1.5, 1.5], higher_is_better=False)
+    self.assertEqual(loss["better_seeds"], 1)
+    self.assertAlmostEqual(loss["gain_mean"], 0.0)
+    self.assertAlmostEqual(loss["gain_se"], 0.5)
+    score = _real_data.paired([0.9], [0.8], higher_is_better=True)
+    self.assertEqual((score["better_seeds"], score["gain_se"]), (1, 0.0))
+    self.assertAlmostEqual(score["gain_mean"], 0.1)
 
   def test_lm_row_takes_the_stronger_baseline(self):
     result = {

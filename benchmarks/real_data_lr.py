@@ -31,7 +31,7 @@ evaluation, and the meta-step compiled with its inner loop fully unrolled (``unr
 at T=1 and T=2; the meta-step's cost at horizon T is ``F(1) + (T - 1) * (F(2) - F(1))`` (XLA
 counts a loop body once, so looped programs cannot be used).
 
-Run: ``python -m benchmarks.real_data_lr [--quick] [--seeds 0 1 2]``; writes
+Run: ``python -m benchmarks.real_data_lr [--quick] [--seeds 0 1 2]`` (default: seeds 0-9); writes
 docs/bench/real_data/lr_schedule.json and lr_schedule.md (seeds may run as separate processes
 with ``--out DIR`` and be combined with ``--from-json DIR0/lr_schedule.json ...``).
 """
@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 import mixflow_optax as mfo
+from benchmarks import _real_data
 
 HIDDEN, DEPTH, BATCH = 128, 4, 128
 STEPS, EVAL_EVERY = 200, 25
@@ -59,7 +60,7 @@ KNOTS = 3
 META_STEPS, POPULATION, META_LR = 6, 2, 0.1
 EVAL_REPEATS = 3
 GRID_RANGE = (3e-4, 3e-2)
-SEEDS = (0, 1, 2)
+SEEDS = tuple(range(10))
 OUT_DIR = os.path.join(os.path.dirname(__file__), "..", "docs", "bench", "real_data")
 
 
@@ -372,14 +373,10 @@ def run(seed: int, *, quick: bool = False) -> dict[str, Any]:
 
 
 def verdict(results: list[dict[str, Any]]) -> str:
-  """'wins' iff the recipe's mean is lower AND it is lower on at least 2 of 3 seeds."""
-  r = np.array([x["recipe"] for x in results])
-  b = np.array([x["baseline"] for x in results])
-  if r.mean() < b.mean() and int(np.sum(r < b)) >= 2:
-    return "wins"
-  if r.mean() > b.mean() and int(np.sum(r > b)) >= 2:
-    return "loses"
-  return "ties"
+  """The shared rule (:func:`benchmarks._real_data.verdict`) on test NLL (lower is better)."""
+  return _real_data.verdict(
+    [x["recipe"] for x in results], [x["baseline"] for x in results], higher_is_better=False
+  )
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -401,7 +398,18 @@ def markdown(results: list[dict[str, Any]]) -> str:
     lines.append(
       f"\n{name}: test NLL {v.mean():.4f} +- {v.std():.4f}, accuracy {a.mean():.4f} +- {a.std():.4f}"
     )
-  lines.append(f"\nVerdict (mean better and better on >= 2 of 3 seeds): **{verdict(results)}**")
+  n = len(results)
+  nll_better = sum(x["recipe"] < x["baseline"] for x in results)
+  acc_better = sum(x["recipe_acc"] > x["baseline_acc"] for x in results)
+  acc_worse = sum(x["recipe_acc"] < x["baseline_acc"] for x in results)
+  lines.append(
+    f"\nRecipe better on test NLL on {nll_better} of {n} seeds; on test accuracy better on "
+    f"{acc_better}, worse on {acc_worse}."
+  )
+  lines.append(
+    f"\nVerdict on test NLL (mean better and better on more than half of the seeds): "
+    f"**{verdict(results)}**"
+  )
   return "\n".join(lines) + "\n"
 
 

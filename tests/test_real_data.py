@@ -5,6 +5,8 @@ check what their verdicts rest on: the verdict rule, the equal-compute accountin
 loop body once, so a meta-step must be analysed unrolled), and the noisy-label split.
 """
 
+import pathlib
+
 import helpers
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,25 @@ class VerdictTest(helpers.TestCase):
     }
     row = real_data.TASKS["lm"].row(result)
     self.assertEqual((row["recipe"], row["baseline"], row["baseline_flops"]), (2.0, 1.9, 11.0))
+
+
+class TablePagesTest(helpers.TestCase):
+  def test_pages_show_the_measured_table(self):
+    # README.md and docs/real_data.md show docs/bench/real_data/table.md as measured.
+    root = pathlib.Path(__file__).resolve().parents[1]
+    table = (root / "docs/bench/real_data/table.md").read_text()
+    for page in real_data.PAGES_WITH_TABLE:
+      text = (root / page).read_text()
+      self.assertEqual(real_data.fill_table(text, table), text, f"{page}: run --table-only")
+
+  def test_fill_table_replaces_between_markers(self):
+    page = "a\n<!-- real-data table -->\nold\n<!-- end real-data table -->\nb"
+    self.assertEqual(
+      real_data.fill_table(page, "new\n"),
+      "a\n<!-- real-data table -->\nnew\n<!-- end real-data table -->\nb",
+    )
+    with self.assertRaisesRegex(ValueError, "markers"):
+      real_data.fill_table("no table here", "new")
 
 
 class NoisyLabelsTest(helpers.TestCase):

@@ -51,6 +51,7 @@ import numpy as np
 import optax
 
 import mixflow_optax as mfo
+from benchmarks import _real_data
 
 __all__ = [
   "Budget",
@@ -515,14 +516,8 @@ def _mean_std(values: list[float]) -> str:
 
 
 def verdict(recipe: list[float], baseline: list[float]) -> str:
-  """ "wins" (lower mean AND lower on at least 2 of 3 seeds), "loses" (the reverse) or "ties"."""
-  better = sum(r < b for r, b in zip(recipe, baseline))
-  worse = sum(r > b for r, b in zip(recipe, baseline))
-  if np.mean(recipe) < np.mean(baseline) and better >= 2:
-    return "wins"
-  if np.mean(recipe) > np.mean(baseline) and worse >= 2:
-    return "loses"
-  return "ties"
+  """The shared rule (:func:`benchmarks._real_data.verdict`) on test loss (lower is better)."""
+  return _real_data.verdict(recipe, baseline, higher_is_better=False)
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -215,8 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     "--real-data",
     action="store_true",
     help="afterwards, run the real-data experiments (python -m benchmarks.real_data: each "
-    "recipe against the tuned baseline at equal compute, 10 seeds of the digits tasks and 3 of "
-    "the LM tasks; about an hour on 2 idle CPU cores) "
+    "recipe against the tuned baseline at equal compute, 10 seeds; about an hour on 2 idle CPU "
+    "cores) "
     "and write their table",
   )
   return p

@@ -22,6 +22,7 @@ the same schedule on both sides; they are not counted.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import statistics
 from collections.abc import Callable, Sequence
@@ -45,19 +46,23 @@ def flops(fn: Callable[..., Any], *args: Any) -> float:
   return float(analysis["flops"])
 
 
-def verdict(recipe: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool) -> str:
-  """``"wins"`` when the recipe's mean is better and it is better on most seeds.
+#: A verdict needs the sign test's p-value at most this (one-sided, ties left out).
+SIGNIFICANCE = 0.05
 
-  Otherwise ``"ties"`` (equal means within 1e-9, or better mean on a minority of seeds) or
-  ``"loses"`` (worse mean).
+
+def verdict(recipe: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool) -> str:
+  """``"wins"``, ``"loses"`` or ``"ties"``: a better (worse) mean that chance does not explain.
+
+  ``"wins"`` when the recipe's mean is better **and** it is better on so many seeds that a fair
+  coin per seed would do as well at most :data:`SIGNIFICANCE` of the time (the one-sided sign
+  test of :func:`paired`: 5 of 5 seeds, 9 of 10); ``"loses"`` symmetrically; ``"ties"``
+  otherwise, which includes every comparison over fewer than 5 seeds.
   """
-  sign = 1.0 if higher_is_better else -1.0
-  diffs = [sign * (r - b) for r, b in zip(recipe, baseline, strict=True)]
-  mean = statistics.fmean(diffs)
-  better = sum(d > 0 for d in diffs)
-  if mean > 1e-9 and better > len(diffs) / 2:
+  ahead = paired(recipe, baseline, higher_is_better=higher_is_better)
+  behind = paired(recipe, baseline, higher_is_better=not higher_is_better)
+  if ahead["gain_mean"] > 1e-9 and ahead["sign_p"] <= SIGNIFICANCE:
     return "wins"
-  if mean < -1e-9:
+  if behind["gain_mean"] > 1e-9 and behind["sign_p"] <= SIGNIFICANCE:
     return "loses"
   return "ties"
 
@@ -87,33 +92,35 @@ def summarise(
 def paired(
   recipe: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool
 ) -> dict[str, float | int]:
-  """Paired per-seed comparison: how many seeds the recipe is better on, and the mean gain.
+  r"""Paired per-seed comparison: how many seeds the recipe is better on, and the mean gain.
 
   ``gain_mean`` is the mean of the per-seed differences, signed so that positive favours the
   recipe (recipe - baseline for a score, baseline - recipe for a loss); ``gain_se`` its standard
-  error (sample standard deviation / sqrt(seeds); 0 for one seed).
+  error (sample standard deviation / sqrt(seeds); 0 for one seed). ``sign_p`` is the one-sided
+  exact sign test: the probability of the recipe being better on at least ``better_seeds`` of
+  the seeds that are not tied if each were a fair coin,
+  :math:`\sum_{j \ge k} \binom{n}{j} 2^{-n}`.
   """
   sign = 1.0 if higher_is_better else -1.0
   gains = [sign * (r - b) for r, b in zip(recipe, baseline, strict=True)]
   se = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else 0.0
+  better = sum(g > 0 for g in gains)
+  untied = sum(g != 0 for g in gains)
   return {
-    "better_seeds": sum(g > 0 for g in gains),
+    "better_seeds": better,
     "gain_mean": statistics.fmean(gains),
     "gain_se": se,
+    "sign_p": sum(math.comb(untied, j) for j in range(better, untied + 1)) / 2**untied,
   }
 
 
 def markdown_row(summary: dict) -> str:
   """One line of the real-data table for ``summary`` (see :func:`summarise`)."""
   hib = summary["higher_is_better"]
-  stats = (
-    summary
-    if "gain_mean" in summary
-    else paired(
-      [r["recipe"] for r in summary["rows"]],
-      [r["baseline"] for r in summary["rows"]],
-      higher_is_better=hib,
-    )
+  stats = paired(
+    [r["recipe"] for r in summary["rows"]],
+    [r["baseline"] for r in summary["rows"]],
+    higher_is_better=hib,
   )
   n = len(summary["rows"])
   return (
@@ -121,7 +128,7 @@ def markdown_row(summary: dict) -> str:
     f"{summary['recipe_mean']:.3f} ± {summary['recipe_std']:.3f} | "
     f"{summary['baseline_mean']:.3f} ± {summary['baseline_std']:.3f} | "
     f"{stats['gain_mean']:+.3f} ± {stats['gain_se']:.3f} | "
-    f"{stats['better_seeds']} of {n} | "
+    f"{stats['better_seeds']} of {n} | {stats['sign_p']:.3f} | "
     f"{summary['compute_ratio']:.2f} | **{summary['verdict']}** |"
   )
 
@@ -135,8 +142,8 @@ def per_seed_table(summary: dict) -> str:
 
 TABLE_HEADER = (
   "| task | metric | recipe (mean ± std) | tuned baseline (mean ± std) "
-  "| gain (mean ± s.e.) | recipe better on | compute recipe/baseline | verdict |\n"
-  "|---|---|---:|---:|---:|---|---:|---|"
+  "| gain (mean ± s.e.) | recipe better on | sign test p | compute recipe/baseline | verdict |\n"
+  "|---|---|---:|---:|---:|---|---:|---:|---|"
 )
 
 

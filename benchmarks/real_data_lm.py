@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
   from the per-seed files of ``--seeds`` (``--table-only``: from existing files only, so that
   seeds can run as separate processes)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
   parser.add_argument("--quick", action="store_true", help="the small smoke-run budget")
   parser.add_argument("--table-only", action="store_true", help="combine existing seed files")
   parser.add_argument(

@@ -550,7 +550,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the seeds (one file each), then writes ``lm_mixture.json`` and ``lm_mixture.md``."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
   parser.add_argument("--quick", action="store_true", help="the small smoke-run budget")
   parser.add_argument("--table-only", action="store_true", help="combine existing seed files")
   parser.add_argument(

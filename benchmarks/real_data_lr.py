@@ -407,8 +407,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     f"{acc_better}, worse on {acc_worse}."
   )
   lines.append(
-    f"\nVerdict on test NLL (mean better and better on more than half of the seeds): "
-    f"**{verdict(results)}**"
+    f"\nVerdict on test NLL (mean better, and better on enough seeds for a one-sided sign test "
+    f"at p <= {_real_data.SIGNIFICANCE}): **{verdict(results)}**"
   )
   return "\n".join(lines) + "\n"
 

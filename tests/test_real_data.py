@@ -18,12 +18,15 @@ from benchmarks import _real_data, real_data, real_data_noisy
 
 class VerdictTest(helpers.TestCase):
   @parameterized.named_parameters(
-    ("better_on_every_seed", [0.9, 0.9, 0.9], [0.8, 0.8, 0.8], True, "wins"),
-    ("better_mean_two_of_three", [0.9, 0.9, 0.7], [0.8, 0.8, 0.75], True, "wins"),
-    ("better_mean_one_of_three", [1.0, 0.7, 0.7], [0.8, 0.75, 0.75], True, "ties"),
-    ("worse_mean", [0.7, 0.7, 0.7], [0.8, 0.8, 0.8], True, "loses"),
-    ("lower_is_better", [2.0, 2.0, 2.1], [2.1, 2.1, 2.0], False, "wins"),
-    ("equal", [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], True, "ties"),
+    ("better_on_9_of_10", [0.9] * 9 + [0.7], [0.8] * 10, True, "wins"),
+    ("better_on_5_of_5", [0.9] * 5, [0.8] * 5, True, "wins"),
+    ("better_on_8_of_10_is_not_enough", [0.9] * 8 + [0.7] * 2, [0.8] * 10, True, "ties"),
+    ("three_seeds_never_decide", [0.9] * 3, [0.8] * 3, True, "ties"),
+    ("better_on_9_but_worse_mean", [0.81] * 9 + [0.0], [0.8] * 10, True, "ties"),
+    ("worse_on_9_of_10", [0.7] * 9 + [0.9], [0.8] * 10, True, "loses"),
+    ("lower_is_better", [2.0] * 9 + [2.2], [2.1] * 10, False, "wins"),
+    ("tied_seeds_left_out", [0.9] * 5 + [0.8] * 5, [0.8] * 10, True, "wins"),
+    ("equal", [1.0] * 10, [1.0] * 10, True, "ties"),
   )
   def test_verdict(self, recipe, baseline, higher_is_better, expected):
     self.assertEqual(
@@ -36,11 +39,11 @@ class VerdictTest(helpers.TestCase):
       for s, r, b in [(0, 0.9, 0.8), (1, 0.95, 0.85), (2, 0.9, 0.92)]
     ]
     summary = _real_data.summarise("task", "accuracy", rows, higher_is_better=True)
-    self.assertEqual(summary["verdict"], "wins")
+    self.assertEqual(summary["verdict"], "ties")  # 3 seeds cannot decide
     self.assertAlmostEqual(summary["compute_ratio"], 1.0 / 1.1)
     row = _real_data.markdown_row(summary)
-    self.assertIn("**wins**", row)
-    self.assertIn("| 2 of 3 |", row)
+    self.assertIn("**ties**", row)
+    self.assertIn("| 2 of 3 | 0.500 |", row)  # P(at least 2 of 3 fair coins) = 4/8
     # Gains (0.1, 0.1, -0.02): mean 0.06, sample std 0.0693, s.e. 0.04.
     self.assertIn("| +0.060 ± 0.040 |", row)
     self.assertIn("| 2 | 0.9000 | 0.9200 |", _real_data.per_seed_table(summary))
@@ -50,6 +53,12 @@ class VerdictTest(helpers.TestCase):
     self.assertEqual(loss["better_seeds"], 1)
     self.assertAlmostEqual(loss["gain_mean"], 0.0)
     self.assertAlmostEqual(loss["gain_se"], 0.5)
+    self.assertAlmostEqual(loss["sign_p"], 0.75)  # at least 1 of 2
+    # 9 of 10 better: (C(10,9) + C(10,10)) / 2^10; a tied seed is left out of the test.
+    nine = _real_data.paired([1.0] * 9 + [0.0], [0.0] * 9 + [0.5], higher_is_better=True)
+    self.assertAlmostEqual(nine["sign_p"], 11 / 1024)
+    tied = _real_data.paired([1.0] * 9 + [0.0], [0.0] * 10, higher_is_better=True)
+    self.assertAlmostEqual(tied["sign_p"], 1 / 512)
     score = _real_data.paired([0.9], [0.8], higher_is_better=True)
     self.assertEqual((score["better_seeds"], score["gain_se"]), (1, 0.0))
     self.assertAlmostEqual(score["gain_mean"], 0.1)

@@ -67,11 +67,11 @@ class ScheduleTest(helpers.TestCase):
 
 
 class VerdictTest(helpers.TestCase):
-  def test_wins_needs_the_mean_and_two_of_three_seeds(self):
-    self.assertEqual(lm.verdict([1.0, 1.0, 1.0], [1.1, 1.1, 1.1]), "wins")
-    # Better mean from one seed only: not a win.
-    self.assertEqual(lm.verdict([0.5, 1.2, 1.2], [1.1, 1.1, 1.1]), "ties")
-    self.assertEqual(lm.verdict([1.2, 1.2, 1.0], [1.1, 1.1, 1.1]), "loses")
+  def test_the_shared_rule_on_test_loss(self):
+    self.assertEqual(lm.verdict([1.0] * 9 + [1.2], [1.1] * 10), "wins")
+    # Better mean on 6 of 10 seeds: chance explains it.
+    self.assertEqual(lm.verdict([0.5] * 6 + [1.2] * 4, [1.1] * 10), "ties")
+    self.assertEqual(lm.verdict([1.2] * 9 + [1.0], [1.1] * 10), "loses")
 
 
 class RecipeTest(helpers.TestCase):

@@ -93,10 +93,10 @@ class RealDataLrTest(helpers.TestCase):
 
   def test_verdict_rule(self):
     res = lambda r, b: [{"recipe": x, "baseline": y} for x, y in zip(r, b)]  # noqa: E731
-    self.assertEqual(lr_bench.verdict(res([1, 1, 3], [2, 2, 2])), "wins")
+    self.assertEqual(lr_bench.verdict(res([1] * 9 + [3], [2] * 10)), "wins")
     # Better mean but better on one seed only: not a win.
-    self.assertEqual(lr_bench.verdict(res([0.1, 2.5, 2.5], [2, 2, 2])), "ties")
-    self.assertEqual(lr_bench.verdict(res([3, 3, 1], [2, 2, 2])), "loses")
+    self.assertEqual(lr_bench.verdict(res([0.1] + [2.05] * 9, [2] * 10)), "ties")
+    self.assertEqual(lr_bench.verdict(res([3] * 9 + [1], [2] * 10)), "loses")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ JAX configurations (``CONFIGS``):
 - ``mixflow``: :func:`mixflow_optax.unroll`, the long-context recipe
   (``mfo.nn.dot_product_attention`` with its backend's block size, per-block
   ``jax.checkpoint``).
-- ``mixflow_b256``: the recipe with 256-key attention blocks (the block size
-  before the CPU default became 128).
+- ``mixflow_b64`` / ``mixflow_b256``: the recipe with 64- / 256-key attention
+  blocks (the CPU default is 128).
 - ``mixflow_xla``: the same meta-gradient, plain ``jax.nn`` attention (XLA),
   no per-block remat.
 - ``standard_xla``: the standard implementation as a user writes it (stock
@@ -53,6 +53,7 @@ import numpy as np
 #: Worker configurations of the JAX side: (method, model sizes).
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
   "mixflow": ("mixflow", {"attn_block": 0}),
+  "mixflow_b64": ("mixflow", {"attn_block": 64}),
   "mixflow_b256": ("mixflow", {"attn_block": 256}),
   "mixflow_xla": ("mixflow", {"attention": "xla", "block_remat": 0}),
   "standard_xla": ("standard", {"attention": "xla", "block_remat": 0}),

@@ -93,6 +93,9 @@ _CASES = {
   "plain": {},
   "ragged_cross_gqa": dict(t=7, s=11, n=4, kv=2, bias=(2, 4, 7, 11)),
   "mqa_causal_window": dict(t=12, s=12, n=3, kv=1, is_causal=True, local_window_size=(4, 1)),
+  # Self-attention with only causal / window masks: the flash path skips masked block pairs.
+  "causal_self_padded": dict(t=13, s=13, n=4, kv=2, is_causal=True),
+  "window_self": dict(t=12, s=12, local_window_size=(0, 3)),
   "int_window_scale": dict(t=9, s=10, local_window_size=2, scale=0.3),
   "bias_mask_broadcast": dict(t=6, s=9, n=4, kv=2, bias=(2, 1, 1, 9), mask=(1, 4, 6, 9)),
   "bias_over_q": dict(t=6, s=9, bias=(1, 2, 6, 1), mask=(2, 1, 6, 9), is_causal=True),
@@ -179,6 +182,29 @@ class AttentionTest(helpers.F64TestCase):
       default_hlo.replace("jit__lambda", ""), explicit_hlo.replace("jit__lambda", "")
     )
     self.assertNotEqual(explicit_hlo, attend(block_size=64).lower(q).as_text())
+
+  @parameterized.named_parameters(
+    ("causal", 16, 4, True, None, 10),
+    ("causal_padded", 13, 4, True, None, 10),
+    ("causal_window", 13, 4, True, (2, 0), 7),
+    ("window", 12, 4, False, (4, 1), 7),
+    ("window_reaching_every_block", 12, 4, False, (8, 8), None),
+    ("one_block", 4, 4, True, None, None),
+  )
+  def test_visible_block_pairs(self, seq, block, is_causal, window, expected):
+    from mixflow_optax.nn import _attention
+
+    nb = -(-seq // block)
+    pairs = _attention._visible_pairs(seq, block, nb, is_causal, window)
+    self.assertEqual(None if pairs is None else len(pairs[0]), expected)
+    if pairs is None:
+      return
+    # Exactly the pairs with at least one (query, key) the masks leave open.
+    qs, ks = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    left, right = window if window is not None else (seq, seq)
+    open_ = (ks >= qs - left) & (ks <= qs + (0 if is_causal else right))
+    want = {(q // block, k // block) for q, k in zip(*np.nonzero(open_))}
+    self.assertEqual(set(zip(*pairs)), want)
 
   def test_block_size_does_not_change_the_result(self):
     floats, other = _case(t=20, s=23, is_causal=True, bias=(2, 2, 20, 23))

@@ -45,6 +45,10 @@ class _Config(NamedTuple):
   window: tuple[int, ...] | None  # (left, right)
   bias_full_kv: bool
   mask_full_kv: bool
+  # Causal / windowed self-attention with nothing else masked: the (query block,
+  # key block) pairs that are not fully masked, as two index tuples; None when
+  # every key block is visited for all queries at once.
+  pairs: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 #: Keys per block by backend when ``block_size`` is not given. On a CPU, 128 was
@@ -293,22 +297,109 @@ def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return x.sum(axis=axes, keepdims=True)
 
 
+def _pair_scores(q_blk, k_blk, i, j, cfg: _Config):
+  """Logits of query block ``i`` against key block ``j`` (B, K, G, block, block), masked."""
+  s = jnp.einsum("btkgh,bskh->bkgts", q_blk, k_blk)
+  q_pos = i * cfg.block + jnp.arange(cfg.block)
+  k_pos = j * cfg.block + jnp.arange(cfg.block)
+  keep = k_pos[None, :] < cfg.seq_kv  # padding keys
+  if cfg.is_causal:
+    keep = keep & (q_pos[:, None] >= k_pos[None, :])
+  if cfg.window is not None:
+    left, right = cfg.window
+    keep = keep & (q_pos[:, None] <= k_pos[None, :] + left)
+    keep = keep & (q_pos[:, None] >= k_pos[None, :] - right)
+  return jnp.where(keep, s, _large_negative(s.dtype)), keep
+
+
+def _forward_pairs(q, key, value, cfg: _Config):
+  """:func:`_forward` for self-attention over the visible block pairs only (``cfg.pairs``)."""
+  b, t, k, g, h = q.shape
+  qb, kb, vb = _blocks(q, 1, cfg), _blocks(key, 1, cfg), _blocks(value, 1, cfg)
+  nb, blk = cfg.num_blocks, cfg.block
+  neg = _large_negative(q.dtype)
+
+  def step(carry, ij):
+    m, row_sum, acc = carry
+    i, j = ij
+    s, keep = _pair_scores(qb[i], kb[j], i, j, cfg)
+    m_i = m[i]
+    m_new = jax.lax.stop_gradient(jnp.maximum(m_i, s.max(axis=-1)))
+    alpha = jnp.exp(m_i - m_new)
+    p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0)
+    row_sum = row_sum.at[i].set(alpha * row_sum[i] + p.sum(axis=-1))
+    acc = acc.at[i].set(alpha[..., None] * acc[i] + jnp.einsum("bkgts,bskh->bkgth", p, vb[j]))
+    return (m.at[i].set(m_new), row_sum, acc), None
+
+  init = (
+    jnp.full((nb, b, k, g, blk), neg, q.dtype),
+    jnp.zeros((nb, b, k, g, blk), q.dtype),
+    jnp.zeros((nb, b, k, g, blk, h), q.dtype),
+  )
+  pairs = tuple(jnp.asarray(x, jnp.int32) for x in cfg.pairs)
+  (m, row_sum, acc), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, pairs)
+
+  # Query blocks back to the query axis (B, K, G, T, ...), padding rows dropped
+  # before dividing (a padding row may have seen no key).
+  def unblock(x):
+    return jnp.moveaxis(x, 0, 3).reshape(b, k, g, nb * blk, *x.shape[5:])[:, :, :, :t]
+
+  m, row_sum, acc = unblock(m), unblock(row_sum), unblock(acc)
+  return acc / row_sum[..., None], (m, row_sum)
+
+
+def _bwd_pairs(cfg: _Config, q, key, value, out, m, row_sum, d_out):
+  """:func:`_flash_bwd` over the visible block pairs only; returns (d_q, d_key, d_value)."""
+  qb, kb, vb = _blocks(q, 1, cfg), _blocks(key, 1, cfg), _blocks(value, 1, cfg)
+  d_out_b = _blocks(jnp.moveaxis(d_out, 3, 1), 1, cfg)  # (nb, B, blk, K, G, H)
+  # Row statistics by query block; padding rows get m = 0 and 1 / row_sum = 0 (p = 0).
+  m_b = _blocks(m, 3, cfg)  # (nb, B, K, G, blk)
+  inv_l_b = _blocks(1 / row_sum, 3, cfg)
+  delta_b = _blocks(jnp.sum(d_out * out, axis=-1), 3, cfg)
+
+  def step(carry, ij):
+    d_q, d_key, d_value = carry
+    i, j = ij
+    s, keep = _pair_scores(qb[i], kb[j], i, j, cfg)
+    p = jnp.where(keep, jnp.exp(s - m_b[i][..., None]) * inv_l_b[i][..., None], 0)
+    d_value = d_value.at[j].add(jnp.einsum("bkgts,btkgh->bskh", p, d_out_b[i]))
+    d_p = jnp.einsum("btkgh,bskh->bkgts", d_out_b[i], vb[j])
+    d_s = jnp.where(keep, p * (d_p - delta_b[i][..., None]), 0)
+    d_q = d_q.at[i].add(jnp.einsum("bkgts,bskh->btkgh", d_s, kb[j]))
+    d_key = d_key.at[j].add(jnp.einsum("bkgts,btkgh->bskh", d_s, qb[i]))
+    return (d_q, d_key, d_value), None
+
+  init = (jnp.zeros_like(qb), jnp.zeros_like(kb), jnp.zeros_like(vb))
+  pairs = tuple(jnp.asarray(x, jnp.int32) for x in cfg.pairs)
+  (d_q, d_key, d_value), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, pairs)
+  return _unblocks(d_q, 1, cfg), _unblocks(d_key, 1, cfg), _unblocks(d_value, 1, cfg)
+
+
+def _flash_forward(q, key, value, bias, mask, q_len, kv_len, cfg: _Config):
+  if cfg.pairs is not None:
+    return _forward_pairs(q, key, value, cfg)
+  return _forward(q, key, value, bias, mask, q_len, kv_len, cfg, remat=True)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _flash(q, key, value, bias, mask, q_len, kv_len, cfg: _Config):
-  return _forward(q, key, value, bias, mask, q_len, kv_len, cfg, remat=True)[0]
+  return _flash_forward(q, key, value, bias, mask, q_len, kv_len, cfg)[0]
 
 
 def _flash_fwd(q, key, value, bias, mask, q_len, kv_len, cfg: _Config):
   # Calls _forward, never _flash: jax.jvp of jax.grad differentiates these
   # rules, and a custom_vjp function inside them could not be differentiated
   # in forward mode.
-  out, stats = _forward(q, key, value, bias, mask, q_len, kv_len, cfg, remat=True)
+  out, stats = _flash_forward(q, key, value, bias, mask, q_len, kv_len, cfg)
   return out, (q, key, value, bias, mask, q_len, kv_len, out, stats)
 
 
 def _flash_bwd(cfg: _Config, res, d_out):
   """FlashAttention-2 backward: recomputes each key block's probabilities from the row stats."""
   q, key, value, bias, mask, q_len, kv_len, out, (m, row_sum) = res
+  if cfg.pairs is not None:
+    d_q, d_key, d_value = _bwd_pairs(cfg, q, key, value, out, m, row_sum, d_out)
+    return d_q, d_key, d_value, None, None, None, None
   inv_l = 1 / row_sum
   xs, consts = _split(bias, mask, key, value, cfg)
   delta = jnp.sum(d_out * out, axis=-1)  # (B, K, G, T)
@@ -346,6 +437,34 @@ def _flash_bwd(cfg: _Config, res, d_out):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _visible_pairs(
+  seq: int, block: int, num_blocks: int, is_causal: bool, window: tuple[int, int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+  """The (query block, key block) pairs of self-attention that causal/window masks leave open.
+
+  Query block ``i`` holds positions ``i * block ...`` (like the key blocks). With a causal mask
+  query ``q`` sees keys ``q - left <= k <= q``, without one ``q - left <= k <= q + right``
+  (``left``/``right`` unbounded without a window). A skipped pair is masked for every real
+  query of its block, so leaving it out changes no value: every row still sees its own key,
+  whose logit replaces the running maximum, and a masked logit's probability is exactly 0
+  next to it. Returns None when no pair can be skipped.
+  """
+  inf = seq + block
+  left = inf if window is None else window[0]
+  right = 0 if is_causal else (inf if window is None else window[1])
+  q_idx, k_idx = [], []
+  for i in range(num_blocks):
+    q0, q1 = i * block, min((i + 1) * block, seq) - 1
+    for j in range(num_blocks):
+      k0, k1 = j * block, min((j + 1) * block, seq) - 1
+      if max(q0, k0 - right) <= min(q1, k1 + left):
+        q_idx.append(i)
+        k_idx.append(j)
+  if len(q_idx) == num_blocks * num_blocks:
+    return None
+  return tuple(q_idx), tuple(k_idx)
 
 
 def dot_product_attention(
@@ -458,6 +577,15 @@ def dot_product_attention(
     bias_full_kv=bias is not None and bias.shape[3] > 1,
     mask_full_kv=mask is not None and mask.shape[3] > 1,
   )
+  if (
+    (is_causal or window is not None)
+    and t == s
+    and bias is None
+    and mask is None
+    and q_len is None
+    and kv_len is None
+  ):
+    cfg = cfg._replace(pairs=_visible_pairs(s, block, cfg.num_blocks, cfg.is_causal, window))
   dtype = jnp.promote_types(query.dtype, np.float32)
   scale = 1.0 / np.sqrt(h) if scale is None else scale
   # Scaling the queries (not the logits) lets a traced scale be differentiated

@@ -493,7 +493,11 @@ def dot_product_attention(
   (grouped-query attention, bias and mask broadcasting, causal masking,
   sequence lengths, local windows, fully masked rows averaging every value as
   there), computed over blocks of ``block_size`` keys with an online softmax
-  (FlashAttention-2, Algorithm 1). Memory is :math:`O(B N T \cdot
+  (FlashAttention-2, Algorithm 1). For causal or windowed self-attention with
+  no bias, mask or sequence lengths, the ``"flash"`` path also splits the
+  queries into blocks and skips the (query block, key block) pairs the masks
+  close (about half of them for a long causal sequence); the values are the
+  same. Memory is :math:`O(B N T \cdot
   \text{block})` instead of :math:`O(B N T S)`, for the output, its gradient
   *and* :func:`jax.jvp` of :func:`jax.grad` (forward-over-reverse, what
   ``mfo.unroll(mode="mixflow")`` runs). The softmax runs in

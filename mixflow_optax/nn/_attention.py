@@ -336,6 +336,7 @@ def _forward_pairs(q, key, value, cfg: _Config):
     jnp.zeros((nb, b, k, g, blk), q.dtype),
     jnp.zeros((nb, b, k, g, blk, h), q.dtype),
   )
+  assert cfg.pairs is not None
   pairs = tuple(jnp.asarray(x, jnp.int32) for x in cfg.pairs)
   (m, row_sum, acc), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, pairs)
 
@@ -370,6 +371,7 @@ def _bwd_pairs(cfg: _Config, q, key, value, out, m, row_sum, d_out):
     return (d_q, d_key, d_value), None
 
   init = (jnp.zeros_like(qb), jnp.zeros_like(kb), jnp.zeros_like(vb))
+  assert cfg.pairs is not None
   pairs = tuple(jnp.asarray(x, jnp.int32) for x in cfg.pairs)
   (d_q, d_key, d_value), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, pairs)
   return _unblocks(d_q, 1, cfg), _unblocks(d_key, 1, cfg), _unblocks(d_value, 1, cfg)

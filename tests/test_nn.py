@@ -367,7 +367,11 @@ _MEMORY_SCRIPT = textwrap.dedent(
   ours = lambda *a, **kw: mfo.nn.dot_product_attention(*a, **kw, block_size=64)
   x = lambda s: jax.ShapeDtypeStruct((1, s, 2, 16), jnp.float32)
   mem = lambda f, s: mfo.compiled_memory(hvp(f), x(s), x(s), x(s)).temp_bytes
+  ckpt = lambda *a, **kw: mfo.nn.dot_product_attention(
+    *a, **kw, block_size=64, differentiation="checkpoint"
+  )
   out = {"naive": mem(naive, 1024), "ours": mem(ours, 1024), "ours_2x": mem(ours, 2048)}
+  out["checkpoint_2x"] = mem(ckpt, 2048)
   print(json.dumps(out))
   """
 )
@@ -389,6 +393,9 @@ class AttentionMemoryTest(helpers.TestCase):
     self.assertLess(mem["ours"], scores)
     # ... and twice the tokens need about twice the memory, not four times.
     self.assertLess(mem["ours_2x"], 2.2 * mem["ours"])
+    # Causal self-attention: the flash path's block-pair tiles need far less than the
+    # (heads, S, block) slabs of the checkpoint path (docs/long_context.md: 10x at 8192 tokens).
+    self.assertLess(mem["ours_2x"], 0.5 * mem["checkpoint_2x"])
 
 
 if __name__ == "__main__":

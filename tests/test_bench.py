@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 
@@ -381,22 +382,10 @@ class BenchTest(helpers.TestCase):
     out = pathlib.Path(self.enter_context(tempfile.TemporaryDirectory())) / "out"
     argv = ["--suite", "tiny", "--experiments", "T,M", "--T", "4", "--models", "mlp"]
     argv += ["--reps", "1", "--fast-compile", "--no-progress", "--out", str(out)]
-    argv += ["--compilation-cache", str(out.parent / "cache")]
-    saved = {
-      k: getattr(jax.config, k)
-      for k in (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-      )
-    }
-    try:
-      with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        self.assertEqual(main(argv), 0)
-      self.assertEqual(jax.config.jax_compilation_cache_dir, str(out.parent / "cache"))
-    finally:  # the cache setting is global: leave the other tests of this process without it
-      for k, v in saved.items():
-        jax.config.update(k, v)
+    # The persistent cache is process-global once used: off here, tested in a subprocess below.
+    argv += ["--compilation-cache", "none"]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+      self.assertEqual(main(argv), 0)
     printed = stdout.getvalue()
     assert "== T ==" in printed and "== M ==" in printed and "targets" in printed
     with open(out / "results.json") as f:
@@ -410,8 +399,9 @@ class BenchTest(helpers.TestCase):
     with open(out / "run.json") as f:
       run = json.load(f)
     assert run["phase"] == "done" and run["suite"] == "tiny" and run["seconds"] > 0
-    assert run["compilation_cache"] == str(out.parent / "cache")
-    assert "persistent compilation cache: " in printed
+    assert run["compilation_cache"] is None
+    assert "persistent compilation cache: " not in printed
+
     not_measured = [t["met"] is None for t in run["targets"]]
     assert not_measured == [False, True, False, False, True, True, True]
     with open(out / "table.txt") as f:
@@ -422,6 +412,23 @@ class BenchTest(helpers.TestCase):
     assert summary.count("| loss_weighting | mlp-M") == 3  # One row per configuration.
     for name in ("memory_vs_T.png", "m_sweep.png", "time_ratios.png"):
       assert os.path.getsize(out / name) > 0, name
+
+  def test_compilation_cache_is_written(self):
+    # In a subprocess: JAX initialises its persistent cache once per process.
+    cache = pathlib.Path(self.enter_context(tempfile.TemporaryDirectory())) / "cache"
+    code = (
+      "import jax, jax.numpy as jnp\n"
+      "from benchmarks._bench import enable_compilation_cache\n"
+      f"enable_compilation_cache({str(cache)!r}, min_compile_secs=0.0)\n"
+      "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).block_until_ready()\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {
+      **os.environ,
+      "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    assert any(cache.iterdir()), "no compiled program was written to the cache"
 
   def test_suites(self):
     default = bench.make_suite("default")

@@ -442,7 +442,9 @@ class LMConfig:
       ``differentiation="checkpoint"``: plain JAX, so that a bare ``jax.jvp``
       of the model, i.e. forward-mode meta-gradients, works too).
     block_remat: ``jax.checkpoint`` around each transformer block (1) or not
-      (0), as real LLM code does.
+      (0), as real LLM code does; 2: the same, keeping the ``"mfo"``
+      attention's forward results (``mfo.nn.ATTENTION_RESIDUALS``) instead of
+      recomputing them.
     attn_block: keys per block of the ``"mfo"`` attention; 0: the
       attention's default for the backend (128 on a CPU, 256 elsewhere).
     loss_chunk: tokens per chunk of the chunked LM head + cross-entropy;
@@ -499,7 +501,7 @@ LM_LADDER: dict[str, LMConfig] = {
 
 def _rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
   inv = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-  return x * inv * scale[None, None, :]
+  return x * inv * scale[None, :]
 
 
 def _rope(x: jax.Array) -> jax.Array:
@@ -514,8 +516,11 @@ def _rope(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-def _attention(x: jax.Array, layer: dict[str, jax.Array], cfg: LMConfig) -> jax.Array:
-  b, s, d = x.shape
+def _attention(
+  x: jax.Array, layer: dict[str, jax.Array], cfg: LMConfig, b: int, s: int
+) -> jax.Array:
+  """Causal self-attention of the flat residual stream ``x``: ``(b * s, d)``."""
+  d = x.shape[-1]
   dh = d // cfg.n_heads
 
   def heads(w):
@@ -534,7 +539,7 @@ def _attention(x: jax.Array, layer: dict[str, jax.Array], cfg: LMConfig) -> jax.
       block_size=cfg.attn_block or None,
       differentiation=differentiation,
     )
-  return out.reshape(b, s, d) @ layer["wo"]
+  return out.reshape(b * s, d) @ layer["wo"]
 
 
 def _mfo_nn() -> Any:
@@ -549,20 +554,33 @@ def _mfo_nn() -> Any:
 
 def _trunk(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:
   """The final hidden states ``(B, S, d_model)`` of integer ``tokens`` ``(B, S)``."""
+  b, s = tokens.shape
 
+  # The residual stream is kept flat, (B * S, d_model), so that every dense
+  # layer is a plain 2-D matrix product. With (B, S, d) activations the
+  # weight gradients contract over two axes, and XLA's CPU backend then
+  # writes the elementwise derivative fusions in a transposed layout: the
+  # feed-forward block's gradient and Hessian-vector product take about
+  # twice as long (measured in docs/benchmarks.md).
   def block(x, layer):
-    x = x + _attention(_rms_norm(x, layer["norm_attn"]), layer, cfg)
+    x = x + _attention(_rms_norm(x, layer["norm_attn"]), layer, cfg, b, s)
     h = _rms_norm(x, layer["norm_ff"])
     return x + jax.nn.gelu(h @ layer["w_in"]) @ layer["w_out"], None
 
   if cfg.block_remat:
     # Per-block rematerialisation, as in every LLM code base: only the block's
     # input is kept across the layer scan; the rest is recomputed on the way back.
-    block = jax.checkpoint(block, prevent_cse=False)
+    # block_remat=2: the attention's forward results (output and softmax
+    # statistics, named mfo.nn.ATTENTION_RESIDUALS) are kept, so recomputing
+    # the block does not run the attention's block loop again.
+    policy = None
+    if cfg.block_remat == 2 and cfg.attention == "mfo":
+      policy = jax.checkpoint_policies.save_only_these_names(_mfo_nn().ATTENTION_RESIDUALS)
+    block = jax.checkpoint(block, prevent_cse=False, policy=policy)
   # Layers stacked on a leading axis and scanned over (compile time does not
   # grow with depth), as in most JAX LM code bases.
-  x, _ = jax.lax.scan(block, params["embed"][tokens], params["layers"])
-  return _rms_norm(x, params["norm_final"])
+  x, _ = jax.lax.scan(block, params["embed"][tokens.reshape(-1)], params["layers"])
+  return _rms_norm(x, params["norm_final"]).reshape(b, s, -1)
 
 
 def lm_apply(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:

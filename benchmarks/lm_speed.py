@@ -55,6 +55,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
   "mixflow": ("mixflow", {"attn_block": 0}),
   "mixflow_b64": ("mixflow", {"attn_block": 64}),
   "mixflow_b256": ("mixflow", {"attn_block": 256}),
+  "mixflow_noremat": ("mixflow", {"attn_block": 0, "block_remat": 0}),
+  "mixflow_keep_attn": ("mixflow", {"attn_block": 0, "block_remat": 2}),
   "mixflow_xla": ("mixflow", {"attention": "xla", "block_remat": 0}),
   "standard_xla": ("standard", {"attention": "xla", "block_remat": 0}),
   "train": ("train", {"attn_block": 0}),

@@ -26,10 +26,19 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from mixflow_optax._jax_internals import is_jvp_now
 
-__all__ = ["dot_product_attention"]
+__all__ = ["ATTENTION_RESIDUALS", "dot_product_attention"]
+
+#: The :func:`jax.ad_checkpoint.checkpoint_name` of what the ``"flash"`` path's
+#: backward needs from its forward pass (the output and the softmax row
+#: statistics). A per-block :func:`jax.checkpoint` with
+#: ``policy=jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS)`` keeps
+#: them (``O(B T N d)`` per layer, no ``T x S`` array) instead of running the
+#: block loop again when the block is recomputed.
+ATTENTION_RESIDUALS = "mixflow_optax.nn.attention"
 
 Differentiation = Literal["flash", "checkpoint"]
 
@@ -298,8 +307,11 @@ def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def _pair_scores(q_blk, k_blk, i, j, cfg: _Config):
-  """Logits of query block ``i`` against key block ``j`` (B, K, G, block, block), masked."""
-  s = jnp.einsum("btkgh,bskh->bkgts", q_blk, k_blk)
+  """Logits of query block ``i`` against key block ``j`` (B, K, G, block, block), masked.
+
+  ``q_blk`` is head-major (B, K, G, block, H), ``k_blk`` (B, K, block, H).
+  """
+  s = jnp.einsum("bkgth,bksh->bkgts", q_blk, k_blk)
   q_pos = i * cfg.block + jnp.arange(cfg.block)
   k_pos = j * cfg.block + jnp.arange(cfg.block)
   keep = k_pos[None, :] < cfg.seq_kv  # padding keys
@@ -312,10 +324,25 @@ def _pair_scores(q_blk, k_blk, i, j, cfg: _Config):
   return jnp.where(keep, s, _large_negative(s.dtype)), keep
 
 
+def _head_major_blocks(q, key, value, cfg: _Config):
+  """q (B, T, K, G, H), key/value (B, S, K, H) as head-major blocks.
+
+  Returns ``(nb, B, K, G, block, H)`` and twice ``(nb, B, K, block, H)``. Transposed
+  once here, every product inside the pair loop has its batch axes leading and
+  its contraction axis minor: XLA's CPU backend would otherwise copy the operands
+  into that layout in every step (the pair loop ran 1.4x slower that way).
+  """
+  return (
+    _blocks(jnp.moveaxis(q, 1, 3), 3, cfg),
+    _blocks(jnp.moveaxis(key, 1, 2), 2, cfg),
+    _blocks(jnp.moveaxis(value, 1, 2), 2, cfg),
+  )
+
+
 def _forward_pairs(q, key, value, cfg: _Config):
   """:func:`_forward` for self-attention over the visible block pairs only (``cfg.pairs``)."""
   b, t, k, g, h = q.shape
-  qb, kb, vb = _blocks(q, 1, cfg), _blocks(key, 1, cfg), _blocks(value, 1, cfg)
+  qb, kb, vb = _head_major_blocks(q, key, value, cfg)
   nb, blk = cfg.num_blocks, cfg.block
   neg = _large_negative(q.dtype)
 
@@ -328,7 +355,7 @@ def _forward_pairs(q, key, value, cfg: _Config):
     alpha = jnp.exp(m_i - m_new)
     p = jnp.where(keep, jnp.exp(s - m_new[..., None]), 0)
     row_sum = row_sum.at[i].set(alpha * row_sum[i] + p.sum(axis=-1))
-    acc = acc.at[i].set(alpha[..., None] * acc[i] + jnp.einsum("bkgts,bskh->bkgth", p, vb[j]))
+    acc = acc.at[i].set(alpha[..., None] * acc[i] + jnp.einsum("bkgts,bksh->bkgth", p, vb[j]))
     return (m.at[i].set(m_new), row_sum, acc), None
 
   init = (
@@ -351,8 +378,8 @@ def _forward_pairs(q, key, value, cfg: _Config):
 
 def _bwd_pairs(cfg: _Config, q, key, value, out, m, row_sum, d_out):
   """:func:`_flash_bwd` over the visible block pairs only; returns (d_q, d_key, d_value)."""
-  qb, kb, vb = _blocks(q, 1, cfg), _blocks(key, 1, cfg), _blocks(value, 1, cfg)
-  d_out_b = _blocks(jnp.moveaxis(d_out, 3, 1), 1, cfg)  # (nb, B, blk, K, G, H)
+  qb, kb, vb = _head_major_blocks(q, key, value, cfg)
+  d_out_b = _blocks(d_out, 3, cfg)  # (nb, B, K, G, blk, H)
   # Row statistics by query block; padding rows get m = 0 and 1 / row_sum = 0 (p = 0).
   m_b = _blocks(m, 3, cfg)  # (nb, B, K, G, blk)
   inv_l_b = _blocks(1 / row_sum, 3, cfg)
@@ -363,18 +390,21 @@ def _bwd_pairs(cfg: _Config, q, key, value, out, m, row_sum, d_out):
     i, j = ij
     s, keep = _pair_scores(qb[i], kb[j], i, j, cfg)
     p = jnp.where(keep, jnp.exp(s - m_b[i][..., None]) * inv_l_b[i][..., None], 0)
-    d_value = d_value.at[j].add(jnp.einsum("bkgts,btkgh->bskh", p, d_out_b[i]))
-    d_p = jnp.einsum("btkgh,bskh->bkgts", d_out_b[i], vb[j])
+    d_value = d_value.at[j].add(jnp.einsum("bkgts,bkgth->bksh", p, d_out_b[i]))
+    d_p = jnp.einsum("bkgth,bksh->bkgts", d_out_b[i], vb[j])
     d_s = jnp.where(keep, p * (d_p - delta_b[i][..., None]), 0)
-    d_q = d_q.at[i].add(jnp.einsum("bkgts,bskh->btkgh", d_s, kb[j]))
-    d_key = d_key.at[j].add(jnp.einsum("bkgts,btkgh->bskh", d_s, qb[i]))
+    d_q = d_q.at[i].add(jnp.einsum("bkgts,bksh->bkgth", d_s, kb[j]))
+    d_key = d_key.at[j].add(jnp.einsum("bkgts,bkgth->bksh", d_s, qb[i]))
     return (d_q, d_key, d_value), None
 
   init = (jnp.zeros_like(qb), jnp.zeros_like(kb), jnp.zeros_like(vb))
   assert cfg.pairs is not None
   pairs = tuple(jnp.asarray(x, jnp.int32) for x in cfg.pairs)
   (d_q, d_key, d_value), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init, pairs)
-  return _unblocks(d_q, 1, cfg), _unblocks(d_key, 1, cfg), _unblocks(d_value, 1, cfg)
+  d_q = jnp.moveaxis(_unblocks(d_q, 3, cfg), 3, 1)  # (B, T, K, G, H)
+  d_key = jnp.moveaxis(_unblocks(d_key, 2, cfg), 2, 1)  # (B, S, K, H)
+  d_value = jnp.moveaxis(_unblocks(d_value, 2, cfg), 2, 1)
+  return d_q, d_key, d_value
 
 
 def _flash_forward(q, key, value, bias, mask, q_len, kv_len, cfg: _Config):
@@ -393,6 +423,7 @@ def _flash_fwd(q, key, value, bias, mask, q_len, kv_len, cfg: _Config):
   # rules, and a custom_vjp function inside them could not be differentiated
   # in forward mode.
   out, stats = _flash_forward(q, key, value, bias, mask, q_len, kv_len, cfg)
+  out, stats = checkpoint_name((out, stats), ATTENTION_RESIDUALS)
   return out, (q, key, value, bias, mask, q_len, kv_len, out, stats)
 
 
@@ -536,7 +567,10 @@ def dot_product_attention(
       see a :func:`jax.jvp` applied outside a :func:`jax.jit`, :func:`jax.checkpoint` or
       :func:`jax.lax.scan` that contains it: there JAX raises "can't apply
       forward-mode autodiff (jvp) to a custom_vjp function"; pass
-      ``"checkpoint"`` for such uses.
+      ``"checkpoint"`` for such uses. Inside a per-layer :func:`jax.checkpoint`,
+      ``policy=jax.checkpoint_policies.save_only_these_names(mfo.nn.ATTENTION_RESIDUALS)``
+      keeps the forward's output and row statistics, so recomputing the layer
+      does not run the block loop again (see :data:`ATTENTION_RESIDUALS`).
       ``"checkpoint"``: plain differentiable JAX with :func:`jax.checkpoint` per
       block: every transformation works (a bare :func:`jax.jvp` too), with less
       memory for a plain gradient but slightly more for :func:`jax.jvp` of

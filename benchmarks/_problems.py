@@ -553,7 +553,7 @@ def _mfo_nn() -> Any:
 
 
 def _trunk(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:
-  """The final hidden states ``(B, S, d_model)`` of integer ``tokens`` ``(B, S)``."""
+  """The final hidden states ``(B * S, d_model)`` of integer ``tokens`` ``(B, S)``, flat."""
   b, s = tokens.shape
 
   # The residual stream is kept flat, (B * S, d_model), so that every dense
@@ -580,7 +580,7 @@ def _trunk(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Arra
   # Layers stacked on a leading axis and scanned over (compile time does not
   # grow with depth), as in most JAX LM code bases.
   x, _ = jax.lax.scan(block, params["embed"][tokens.reshape(-1)], params["layers"])
-  return _rms_norm(x, params["norm_final"]).reshape(b, s, -1)
+  return _rms_norm(x, params["norm_final"])
 
 
 def lm_apply(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:
@@ -590,7 +590,8 @@ def lm_apply(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Ar
   # untied input embedding has exactly-zero gradient rows for tokens absent
   # from a batch, where stock optax.adam's sqrt(v) has an infinite derivative
   # and the "standard" baseline's meta-gradient would be NaN.
-  return _trunk(params, tokens, cfg) @ params["embed"].T
+  b, s = tokens.shape
+  return (_trunk(params, tokens, cfg) @ params["embed"].T).reshape(b, s, -1)
 
 
 def _lm_specs(cfg: LMConfig) -> dict[str, Any]:
@@ -614,14 +615,15 @@ def _lm_specs(cfg: LMConfig) -> dict[str, Any]:
 
 def _token_ce(params: dict[str, Any], tokens: jax.Array, cfg: LMConfig) -> jax.Array:
   """Per-sequence mean next-token cross-entropy, shape ``(B,)``; ``tokens``: ``(B, S + 1)``."""
-  targets = tokens[:, 1:]
+  b = tokens.shape[0]
+  targets = tokens[:, 1:].reshape(-1)  # Flat, like the hidden states.
+  x = _trunk(params, tokens[:, :-1], cfg)
   if cfg.loss_chunk:
-    x = _trunk(params, tokens[:, :-1], cfg)
     nll = _mfo_nn().chunked_cross_entropy(x, params["embed"].T, targets, chunk_size=cfg.loss_chunk)
   else:
-    logp = jax.nn.log_softmax(lm_apply(params, tokens[:, :-1], cfg), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return jnp.mean(nll, axis=-1)
+    logp = jax.nn.log_softmax(x @ params["embed"].T, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+  return jnp.mean(nll.reshape(b, -1), axis=-1)
 
 
 def lm_problem(

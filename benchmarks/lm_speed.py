@@ -15,6 +15,10 @@ JAX configurations (``CONFIGS``):
 - ``mixflow``: :func:`mixflow_optax.unroll`, the long-context recipe
   (``mfo.nn.dot_product_attention`` with its backend's block size, per-block
   ``jax.checkpoint``).
+- ``mixflow_keep_attn``: the recipe with the per-block checkpoint policy
+  ``save_only_these_names(mfo.nn.ATTENTION_RESIDUALS)`` (recomputing a block
+  does not run the attention's block loop again).
+- ``mixflow_noremat``: the recipe without per-block remat.
 - ``mixflow_b64`` / ``mixflow_b256``: the recipe with 64- / 256-key attention
   blocks (the CPU default is 128).
 - ``mixflow_xla``: the same meta-gradient, plain ``jax.nn`` attention (XLA),

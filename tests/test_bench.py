@@ -222,6 +222,7 @@ class ExactTest(helpers.F64TestCase):
     for sizes, tol in (
       ({}, 1e-10),
       ({"loss_chunk": 3}, 1e-10),  # Chunks that do not divide the 16 tokens.
+      ({"block_remat": 2}, 1e-10),  # Remat keeping the attention's residuals.
       # jax.nn.dot_product_attention's XLA path takes its softmax in float32.
       ({"attention": "xla"}, 1e-5),
       (bench.NAIVE, 1e-5),

@@ -247,6 +247,51 @@ class AttentionTest(helpers.F64TestCase):
     with self.assertRaisesRegex(ValueError, message):
       mfo.nn.dot_product_attention(*args.values(), **kwargs)
 
+  @parameterized.named_parameters(
+    ("causal_block_pairs", dict(is_causal=True), False),
+    ("key_blocks_with_bias", dict(), True),
+  )
+  def test_checkpoint_policy_keeps_the_attention_residuals(self, options, with_bias):
+    """A layer checkpointed with save_only_these_names(ATTENTION_RESIDUALS): same values, and
+    recomputing it does not run the attention's block loop again."""
+    b, s, d, n = 2, 12, 8, 2
+    keys = jax.random.split(jax.random.key(3), 4)
+    w = 0.5 * jax.random.normal(keys[0], (3, d, n, d // n))
+    x = jax.random.normal(keys[1], (b, s, d))
+    bias = 0.3 * jax.random.normal(keys[2], (1, n, s, s)) if with_bias else None
+
+    def layer(attention):
+      def f(w):
+        q, k, v = jnp.einsum("bsd,cdnh->cbsnh", x, w)
+        return jnp.sum(jnp.sin(attention(q, k, v, bias, **options)))
+
+      return f
+
+    def ours(q, k, v, bias, **kw):
+      return mfo.nn.dot_product_attention(q, k, v, bias, block_size=4, **kw)
+
+    policy = jax.checkpoint_policies.save_only_these_names(mfo.nn.ATTENTION_RESIDUALS)
+    tangent = jnp.cos(w)
+
+    def value_grad_hvp(f):
+      def run(w):
+        grad, hvp = jax.jvp(jax.grad(f), (w,), (tangent,))
+        return f(w), grad, hvp
+
+      return run
+
+    kept = jax.checkpoint(layer(ours), policy=policy)
+    want = jax.jit(value_grad_hvp(layer(_naive_attention)))(w)
+    for f in (kept, jax.checkpoint(layer(ours))):
+      chex.assert_trees_all_close(jax.jit(value_grad_hvp(f))(w), want, rtol=1e-12, atol=1e-12)
+
+    def loops(f):
+      return str(jax.make_jaxpr(jax.grad(f))(w)).count("scan[")
+
+    # Forward loop, its recomputation, backward loop; the policy drops the recomputation.
+    self.assertEqual(loops(jax.checkpoint(layer(ours))), 3)
+    self.assertEqual(loops(kept), 2)
+
   def test_meta_gradient_through_attention_model_mixflow_equals_standard(self):
     d, vocab, s = 8, 11, 10
     keys = jax.random.split(jax.random.key(0), 4)

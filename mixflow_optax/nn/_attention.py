@@ -38,7 +38,7 @@ __all__ = ["ATTENTION_RESIDUALS", "dot_product_attention"]
 #: ``policy=jax.checkpoint_policies.save_only_these_names(ATTENTION_RESIDUALS)`` keeps
 #: them (``O(B T N d)`` per layer, no ``T x S`` array) instead of running the
 #: block loop again when the block is recomputed.
-ATTENTION_RESIDUALS = "mixflow_optax.nn.attention"
+ATTENTION_RESIDUALS = "mixflow_attention_residuals"
 
 Differentiation = Literal["flash", "checkpoint"]
 

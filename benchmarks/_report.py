@@ -288,8 +288,8 @@ def format_markdown(
   """The results as Markdown tables (what the README shows).
 
   One row per configuration: compiled temp memory of the three core methods
-  and MixFlow's ratios, then (timed configurations) median seconds and time
-  ratios; the other methods in a table of their own; the frontier; the
+  and MixFlow's ratios, then (timed configurations) median seconds, time
+  ratios and compile seconds (trace, lower and compile, XLA's default options); the other methods in a table of their own; the frontier; the
   targets. An ``optimizer`` column names the inner optimizer when some
   record's is not Adam.
   """
@@ -304,6 +304,7 @@ def format_markdown(
   )
   timed_cols = (
     " standard s | standard_best s | mixflow s | mixflow time vs standard | vs standard_best |"
+    " compile s (standard / standard_best / mixflow) |"
   )
 
   def config(g):
@@ -331,6 +332,7 @@ def format_markdown(
     cells += [
       _fmt(r["time_ratio_vs_standard"], ".2f"),
       _fmt(r["time_ratio_vs_standard_best"], ".2f"),
+      " / ".join(_fmt(g[m].get("compile_s"), ".1f") for m in CORE_METHODS),
     ]
     return " " + " | ".join(cells) + " |"
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -411,6 +412,12 @@ class BenchTest(helpers.TestCase):
       summary = f.read()
     assert "**Timed configurations**" in summary and "**Memory only (compile-only)**" in summary
     assert summary.count("| loss_weighting | mlp-M") == 3  # One row per configuration.
+    # Timed rows end with the three methods' compile seconds, next to time and memory.
+    timed_rows = summary.split("**Memory only")[0].splitlines()
+    compile_cells = [r.rsplit("|", 2)[1] for r in timed_rows if "| mlp-M" in r]
+    assert compile_cells and all(
+      re.fullmatch(r" \d+\.\d / \d+\.\d / \d+\.\d ", c) for c in compile_cells
+    )
     for name in ("memory_vs_T.png", "m_sweep.png", "time_ratios.png"):
       assert os.path.getsize(out / name) > 0, name
 

@@ -289,7 +289,8 @@ def format_markdown(
 
   One row per configuration: compiled temp memory of the three core methods
   and MixFlow's ratios, then (timed configurations) median seconds, time
-  ratios and compile seconds (trace, lower and compile, XLA's default options); the other methods in a table of their own; the frontier; the
+  ratios and compile seconds (trace, lower and compile, XLA's default
+  options); the other methods in a table of their own; the frontier; the
   targets. An ``optimizer`` column names the inner optimizer when some
   record's is not Adam.
   """
